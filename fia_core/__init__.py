@@ -1,0 +1,33 @@
+"""Forget-It-All (FIA) in pure PyTorch: contrastive concept saliency (Eq. 1-2),
+concept-sensitive neuron selection (Eq. 3-6) and concept-agnostic mask fusion (Eq. 7-8).
+
+Imports nothing from ComfyUI; the ComfyUI glue lives in the pack's ``nodes`` package.
+"""
+from .fusion import agnostic_threshold, fuse_masks
+from .mask_io import MaskFileError, load_mask, save_mask
+from .masks import ConceptMask, FusedMask, LayerMask, NeuronMask, apply_mask_to_weight, check_mask_matches
+from .neurons import SensitivityIntegrator, select_concept_neurons, select_from_sensitivity, top_fraction_count
+from .prompts import TEMPLATES, PromptPair, build_prompt_pairs
+from .saliency import BASE, CONCEPT, MODES, ConceptSaliency, SaliencyRecorder
+from .targets import (
+    TARGETS,
+    TargetLayer,
+    UnsupportedArchitectureError,
+    architecture_signature,
+    describe_architecture,
+    find_target_layers,
+    layer_shapes,
+    weights_fingerprint,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE", "CONCEPT", "MODES", "TARGETS", "TEMPLATES",
+    "ConceptMask", "ConceptSaliency", "FusedMask", "LayerMask", "MaskFileError", "NeuronMask",
+    "PromptPair", "SaliencyRecorder", "SensitivityIntegrator", "TargetLayer",
+    "UnsupportedArchitectureError", "agnostic_threshold", "apply_mask_to_weight",
+    "architecture_signature", "build_prompt_pairs", "check_mask_matches", "describe_architecture",
+    "find_target_layers", "fuse_masks", "layer_shapes", "load_mask", "save_mask",
+    "select_concept_neurons", "select_from_sensitivity", "top_fraction_count", "weights_fingerprint",
+]

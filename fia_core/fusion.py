@@ -1,0 +1,85 @@
+"""Multi-concept mask fusion with concept-agnostic retention (Eq. 7-8).
+
+s_ij counts the concepts whose mask selects connection (i, j). Connections selected by
+at least tau_ca concepts serve many concepts (concept-agnostic) and are kept; the rest
+of the selected ones are pruned. tau_ca = max(2, ceil(alpha * C)): a connection can only
+be agnostic if at least two concepts share it, so a single concept is pruned (the
+reference code's ceil(alpha * C) keeps everything when C = 1). alpha=None gives the naive
+union (prune every selected connection) for comparison.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+
+from .masks import ConceptMask, FusedMask, LayerMask, NeuronMask
+
+
+def agnostic_threshold(alpha: float | None, num_concepts: int) -> int | None:
+    """tau_ca of Eq. 8, or None for the naive union."""
+    if alpha is None:
+        return None
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    return max(2, math.ceil(Fraction(repr(float(alpha))) * num_concepts))
+
+
+def concept_masks_of(masks: Sequence[NeuronMask]) -> list[ConceptMask]:
+    """Flatten inputs to concept masks: a fused mask contributes the masks it came from."""
+    out: list[ConceptMask] = []
+    for m in masks:
+        if isinstance(m, FusedMask):
+            out.extend(m.sources)
+        elif isinstance(m, ConceptMask):
+            out.append(m)
+        else:
+            raise TypeError(f"expected concept or fused masks, got {type(m).__name__}")
+    return out
+
+
+@torch.no_grad()
+def fuse_masks(masks: Sequence[NeuronMask], alpha: float | None = 0.6) -> FusedMask:
+    """The fused prune mask (Eq. 7-8) of several concept masks (or fused masks, re-fused
+    from their sources). Works on sparse indices: no dense tensor is built."""
+    sources = concept_masks_of(masks)
+    if not sources:
+        raise ValueError("fuse_masks needs at least one mask")
+    first = sources[0]
+    seen: set[str] = set()
+    for m in sources:
+        name = m.concepts[0]
+        if name in seen:
+            raise ValueError(f"concept {name!r} appears twice among the masks to fuse")
+        seen.add(name)
+        if m.target != first.target or m.layer_shapes != first.layer_shapes:
+            raise ValueError(
+                f"masks for {first.concepts[0]!r} and {name!r} were built on different layers "
+                f"({first.target}, {len(first.layers)} layers vs {m.target}, {len(m.layers)} layers)"
+            )
+    tau = agnostic_threshold(alpha, len(sources))
+    pruned: dict[str, LayerMask] = {}
+    agnostic: dict[str, torch.Tensor] = {}
+    for key, shape in first.layer_shapes.items():
+        idx = torch.cat([m.layers[key].indices for m in sources])
+        uniq, counts = torch.unique(idx, sorted=True, return_counts=True)
+        if tau is None:
+            keep = torch.zeros_like(counts, dtype=torch.bool)
+        else:
+            keep = counts >= tau
+        pruned[key] = LayerMask(shape, uniq[~keep])
+        agnostic[key] = uniq[keep]
+    fingerprints = {m.fingerprint for m in sources}
+    return FusedMask(
+        concepts=tuple(m.concepts[0] for m in sources),
+        target=first.target,
+        layers=pruned,
+        architecture=first.architecture,
+        fingerprint=first.fingerprint if len(fingerprints) == 1 else "",
+        params={"alpha": alpha, "tau_ca": tau, "num_concepts": len(sources),
+                **{k: v for k, v in first.params.items() if k == "model_type"}},
+        agnostic=agnostic,
+        sources=tuple(sources),
+    )

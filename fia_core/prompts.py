@@ -1,0 +1,120 @@
+"""Concept and base prompt sets (paper Tables 6 and 7).
+
+Each concept prompt is paired with a base prompt that keeps its context but drops the
+concept ("a golf ball in a park" / "a park"); pairs are sampled from the same starting
+noise so that the contrast isolates the concept.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+PLACES = (
+    "road", "tree", "forest", "lawn", "clubhouse", "courtyard", "backyard", "cityscape",
+    "suburb", "mall", "cafe", "office", "library", "market", "bridge", "harbor", "garden",
+    "beach", "room", "park", "street", "shelter", "chair", "table", "bag", "mountain",
+    "valley", "waterfall", "desert", "sunrise",
+)
+PERSONS = (
+    "man", "woman", "girl", "boy", "mother", "father", "kid", "professor", "student",
+    "group of friends", "celebrity", "child", "couple", "guy", "doctor", "nurse",
+    "teacher", "lawyer",
+)
+OBJECTS = (
+    "cat", "dog", "mouse", "bear", "car", "chair", "bag", "building", "chicken", "duck",
+    "sofa", "table", "tree", "bicycle", "door", "rabbit", "ball", "bat", "horse", "bird",
+    "flower", "bowl", "bottle", "wall", "clock", "television", "guitar", "truck",
+    "laptop", "book",
+)
+PLACEHOLDERS = {"place": PLACES, "person": PERSONS, "object": OBJECTS}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Concept templates (cycled) and the base template, sharing one placeholder."""
+
+    concept: tuple[str, ...]
+    base: str
+    placeholder: str
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    "objects": PromptTemplate(
+        ("a {concept} in a {place}", "a {concept} near the {place}"), "a {place}", "place"
+    ),
+    "explicit": PromptTemplate(("a photo of a {concept} {person}",), "a photo of a {person}", "person"),
+    "art_style": PromptTemplate(("a {object} in the style of {concept}",), "a {object}", "object"),
+}
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    concept_prompt: str
+    base_prompt: str
+
+
+def _placeholder_in(text: str) -> str | None:
+    for name in PLACEHOLDERS:
+        if "{" + name + "}" in text:
+            return name
+    return None
+
+
+def _fill(text: str, **values: str) -> str:
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _sample_values(values: Sequence[str], n: int, rng: random.Random) -> list[str]:
+    """n values without repetition until the list is exhausted, then reshuffled."""
+    out: list[str] = []
+    while len(out) < n:
+        out.extend(rng.sample(list(values), len(values)))
+    return out[:n]
+
+
+def build_prompt_pairs(
+    concept: str,
+    template: str = "objects",
+    num_prompts: int = 8,
+    seed: int = 0,
+    custom_template: str | None = None,
+    base_prompts: Sequence[str] | None = None,
+) -> list[PromptPair]:
+    """Paired concept/base prompts for one concept; the same arguments give the same list.
+
+    ``template`` is one of TEMPLATES or "custom". A custom template must contain
+    "{concept}" and may use one of {place}, {person}, {object}. ``base_prompts`` (any
+    template) replace the base side; they may use the same placeholder and are cycled.
+    Without them a custom template's base prompt is the template with "{concept}" removed.
+    """
+    concept = concept.strip()
+    if not concept:
+        raise ValueError("concept is empty")
+    if num_prompts < 2:
+        raise ValueError(f"num_prompts must be at least 2 (the base std of Eq. 2 needs two), got {num_prompts}")
+    if template == "custom":
+        if not custom_template or "{concept}" not in custom_template:
+            raise ValueError('a custom template must contain "{concept}", e.g. "a {concept} in a {place}"')
+        concept_templates: tuple[str, ...] = (custom_template,)
+        base_template = custom_template.replace("{concept}", "")
+        placeholder = _placeholder_in(custom_template)
+    elif template in TEMPLATES:
+        t = TEMPLATES[template]
+        concept_templates, base_template, placeholder = t.concept, t.base, t.placeholder
+    else:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES) + ['custom']}")
+
+    bases = [b.strip() for b in (base_prompts or []) if b.strip()]
+    rng = random.Random(seed)
+    values = _sample_values(PLACEHOLDERS[placeholder], num_prompts, rng) if placeholder else [""] * num_prompts
+    pairs = []
+    for i, value in enumerate(values):
+        fill = {placeholder: value} if placeholder else {}
+        concept_prompt = _fill(concept_templates[i % len(concept_templates)], concept=concept, **fill)
+        base = bases[i % len(bases)] if bases else base_template
+        pairs.append(PromptPair(concept_prompt, _fill(base, **fill)))
+    return pairs
