@@ -111,10 +111,13 @@ def load_mask(path: str | os.PathLike) -> NeuronMask:
         params = dict(header.get("params") or {})
         architecture = str(header.get("architecture", ""))
         fingerprint = str(header.get("fingerprint", ""))
-        sources_meta = list(header.get("sources") or [])
+        sources_meta = [
+            (str(src["concept"]), str(src.get("fingerprint", "")), dict(src.get("params") or {}))
+            for src in (header.get("sources") or [])
+        ]
     except MaskFileError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise _fail(path, f"damaged header ({e})") from e
     if kind not in ("concept", "fused"):
         raise _fail(path, f"unknown mask kind {kind!r}")
@@ -137,10 +140,9 @@ def load_mask(path: str | os.PathLike) -> NeuronMask:
         agnostic = {k: m.indices for k, m in layers_from("agnostic").items()}
         expected |= {f"agnostic{i}" for i in range(len(shapes))}
         sources = []
-        for c, src in enumerate(sources_meta):
+        for c, (src_concept, src_fingerprint, src_params) in enumerate(sources_meta):
             sources.append(ConceptMask(
-                (str(src["concept"]),), target, layers_from(f"source{c}.layer"), architecture,
-                str(src.get("fingerprint", "")), dict(src.get("params") or {}),
+                (src_concept,), target, layers_from(f"source{c}.layer"), architecture, src_fingerprint, src_params,
             ))
             expected |= {f"source{c}.layer{i}" for i in range(len(shapes))}
         if tuple(s.concepts[0] for s in sources) != concepts:

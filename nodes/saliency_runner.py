@@ -98,22 +98,26 @@ def _row_batches(encoded_c: list, encoded_b: list, rows_per_batch: int) -> list[
 
 
 class _StepTracker:
-    """Maps a model call's sigma to its index in the running schedule."""
+    """Maps a model call's sigma to its index in the running schedule; a step counts once,
+    at the first call that carries conditional rows (ComfyUI may evaluate the
+    unconditional branch in a separate call, before or after the conditional one)."""
 
     def __init__(self):
-        self.seen: set[int] = set()
+        self.recorded: set[int] = set()
 
-    def step_of(self, sigma: float, schedule: torch.Tensor | None) -> int | None:
+    @staticmethod
+    def index_of(sigma: float, schedule: torch.Tensor | None) -> int | None:
         if schedule is None:
             return None
         sched = schedule.detach().float().cpu()
         close = torch.isclose(sched, torch.tensor(sigma, dtype=torch.float32), rtol=1e-4, atol=1e-6).nonzero()
-        if close.numel() == 0:
+        return int(close[0, 0]) if close.numel() else None
+
+    def claim(self, step: int | None) -> int | None:
+        """``step`` the first time it is claimed, else None."""
+        if step is None or step in self.recorded:
             return None
-        step = int(close[0, 0])
-        if step in self.seen:
-            return None
-        self.seen.add(step)
+        self.recorded.add(step)
         return step
 
 
@@ -153,12 +157,13 @@ def run_concept_saliency(
         comfy.model_management.throw_exception_if_processing_interrupted()
         # apply_model's positional order: c_concat, c_crossattn, control, transformer_options
         transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        step = state["tracker"].step_of(float(t[0]), transformer_options.get("sample_sigmas"))
         chunks = transformer_options.get("cond_or_uncond", [0])
         rows_per_chunk = x.shape[0] // max(1, len(chunks))
         rows: list = []
         for kind in chunks:
             rows.extend(state["rows"] if kind == 0 and len(state["rows"]) == rows_per_chunk else [None] * rows_per_chunk)
+        step = _StepTracker.index_of(float(t[0]), transformer_options.get("sample_sigmas"))
+        step = state["tracker"].claim(step) if any(r is not None for r in rows) else None
         recorder.set_call(step, rows)
         try:
             return executor(x, t, *args, **kwargs)

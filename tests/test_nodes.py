@@ -419,3 +419,27 @@ def test_node_metadata_is_complete(pack):
     saliency = pack.NODE_CLASS_MAPPINGS["FIAConceptSaliency"].INPUT_TYPES()["required"]
     assert saliency["steps"][1]["default"] == 50 and saliency["saliency_steps"][1]["default"] == 10
     assert saliency["cfg"][1]["default"] == 7.5 and saliency["r1"][1]["default"] == 0.05
+
+
+def test_cond_and_uncond_in_separate_calls_give_the_same_saliency(comfy, nodes, tiny_sd15, tiny_clip):
+    """ComfyUI runs the CFG branches in separate calls when memory is short, in either order."""
+    import comfy.patcher_extension as pe
+
+    def split_calls(executor, model, conds, x_in, timestep, model_options):
+        outs = [None] * len(conds)
+        for i in reversed(range(len(conds))):  # unconditional first; None keeps the branch index
+            only = [c if j == i else None for j, c in enumerate(conds)]
+            outs[i] = executor(model, only, x_in, timestep, model_options)[i]
+        return outs
+
+    together = saliency_of(nodes, tiny_sd15, tiny_clip, "French horn", seed=31)
+    split = tiny_sd15.clone()
+    split.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test_split", split_calls)
+    count, handle = unet_calls(split)
+    try:
+        apart = saliency_of(nodes, split, tiny_clip, "French horn", seed=31, batch_size=4)
+    finally:
+        handle.remove()
+    assert count["n"] == 2 * SMALL["saliency_steps"]  # one batch, two calls per step
+    for key in together.columns:
+        torch.testing.assert_close(apart.columns[key], together.columns[key], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,139 @@
+"""Eq. 7-8 (multi-concept fusion with concept-agnostic retention) against a dense reference."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from fia_core import ConceptMask, FusedMask, LayerMask, agnostic_threshold, fuse_masks
+
+SHAPES = {"down.0.ff.net.2": (4, 6), "mid.0.ff.net.2": (3, 5), "up.0.ff.net.2": (2, 8)}
+
+
+def ref_tau(alpha, c):
+    """tau_ca = max(2, ceil(alpha * C)), alpha read as a decimal."""
+    return max(2, math.ceil(Fraction(str(alpha)) * c))
+
+
+def concept_mask(name, dense: dict[str, np.ndarray], **kw) -> ConceptMask:
+    layers = {k: LayerMask(tuple(d.shape), torch.from_numpy(np.flatnonzero(d).astype(np.int64))) for k, d in dense.items()}
+    return ConceptMask((name,), "ffn2", layers, **kw)
+
+
+def random_dense(rng, density):
+    return {k: rng.random(s) < density for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize(
+    "alpha,c,expected",
+    [(0.6, 1, 2), (0.6, 2, 2), (0.6, 5, 3), (0.8, 5, 4), (1.0, 5, 5), (0.2, 5, 2), (0.6, 10, 6),
+     (0.8, 1, 2), (1.0, 2, 2), (0.7, 10, 7), (0.3, 10, 3), (0.14, 50, 7), (0.56, 25, 14)],
+)
+def test_agnostic_threshold(alpha, c, expected):
+    # 0.14 * 50 and 0.56 * 25 are 7.000000000000001 and 14.000000000000002 in floats:
+    # a naive ceil would give 8 and 15; tau_ca follows the decimal alpha
+    assert agnostic_threshold(alpha, c) == expected == ref_tau(alpha, c)
+
+
+def test_agnostic_threshold_union_and_errors():
+    assert agnostic_threshold(None, 3) is None
+    for bad in (0.0, -0.2, 1.2):
+        with pytest.raises(ValueError):
+            agnostic_threshold(bad, 3)
+
+
+@pytest.mark.parametrize("c", [1, 2, 5])
+@pytest.mark.parametrize("alpha", [0.6, 0.8, 1.0, 0.2, None])
+def test_fusion_matches_dense_reference(c, alpha):
+    rng = np.random.default_rng(100 * c + int((alpha or 0) * 10))
+    dense = [random_dense(rng, 0.5) for _ in range(c)]
+    masks = [concept_mask(f"concept{n}", d) for n, d in enumerate(dense)]
+    fused = fuse_masks(masks, alpha=alpha)
+    assert isinstance(fused, FusedMask)
+    assert fused.concepts == tuple(f"concept{n}" for n in range(c))
+    assert fused.layer_shapes == SHAPES
+    assert fused.params["tau_ca"] == (None if alpha is None else ref_tau(alpha, c))
+    total_pruned = 0
+    for key, shape in SHAPES.items():
+        s = sum(d[key].astype(int) for d in dense)  # Eq. 7
+        if alpha is None:
+            prune = s > 0
+            keep = np.zeros_like(prune)
+        else:
+            tau = ref_tau(alpha, c)
+            prune = (s > 0) & (s < tau)  # Eq. 8
+            keep = s >= tau
+        assert fused.layers[key].indices.tolist() == np.flatnonzero(prune).tolist()
+        assert fused.layers[key].indices.dtype == torch.int64
+        assert fused.agnostic[key].tolist() == np.flatnonzero(keep).tolist()
+        assert torch.equal(fused.layers[key].dense(), torch.from_numpy(prune))
+        total_pruned += int(prune.sum())
+    st = fused.stats()
+    assert st["total_pruned"] == total_pruned
+    assert st["agnostic_kept"] == sum(len(v) for v in fused.agnostic.values())
+    assert st["per_concept"] == {f"concept{n}": int(sum(d[k].sum() for k in SHAPES)) for n, d in enumerate(dense)}
+
+
+def test_single_concept_is_pruned_whole():
+    """The reference code's ceil(alpha * 1) = 1 would keep everything; tau_ca = 2 prunes it."""
+    rng = np.random.default_rng(1)
+    d = random_dense(rng, 0.3)
+    m = concept_mask("naked", d)
+    for alpha in (0.6, 0.8, 1.0):
+        fused = fuse_masks([m], alpha=alpha)
+        for key in SHAPES:
+            assert fused.layers[key].indices.tolist() == np.flatnonzero(d[key]).tolist()
+            assert fused.agnostic[key].numel() == 0
+
+
+def test_two_concepts_shared_connections_are_kept():
+    a = {k: np.zeros(s, bool) for k, s in SHAPES.items()}
+    b = {k: np.zeros(s, bool) for k, s in SHAPES.items()}
+    key = "down.0.ff.net.2"
+    a[key][0, [0, 1, 2]] = True
+    b[key][0, [2, 3]] = True
+    fused = fuse_masks([concept_mask("a", a), concept_mask("b", b)], alpha=0.6)  # tau = 2
+    assert fused.layers[key].indices.tolist() == [0, 1, 3]
+    assert fused.agnostic[key].tolist() == [2]
+    union = fuse_masks([concept_mask("a", a), concept_mask("b", b)], alpha=None)
+    assert union.layers[key].indices.tolist() == [0, 1, 2, 3]
+    assert union.agnostic[key].numel() == 0
+
+
+def test_refusing_a_fused_mask_uses_its_sources():
+    rng = np.random.default_rng(2)
+    dense = [random_dense(rng, 0.5) for _ in range(3)]
+    masks = [concept_mask(f"c{n}", d) for n, d in enumerate(dense)]
+    direct = fuse_masks(masks, alpha=0.6)
+    nested = fuse_masks([fuse_masks(masks[:2], alpha=0.8), masks[2]], alpha=0.6)
+    assert nested.concepts == direct.concepts
+    for key in SHAPES:
+        assert torch.equal(nested.layers[key].indices, direct.layers[key].indices)
+        assert torch.equal(nested.agnostic[key], direct.agnostic[key])
+
+
+def test_fusion_errors():
+    rng = np.random.default_rng(3)
+    a = concept_mask("a", random_dense(rng, 0.5))
+    with pytest.raises(ValueError):
+        fuse_masks([])
+    with pytest.raises(ValueError, match="twice"):
+        fuse_masks([a, concept_mask("a", random_dense(rng, 0.5))])
+    other = {"x.ff.net.2": rng.random((4, 6)) < 0.5}
+    with pytest.raises(ValueError, match="different layers"):
+        fuse_masks([a, concept_mask("b", other)])
+    with pytest.raises(TypeError):
+        fuse_masks([a, "not a mask"])
+
+
+def test_fingerprint_kept_only_when_all_agree():
+    rng = np.random.default_rng(4)
+    a = concept_mask("a", random_dense(rng, 0.5), fingerprint="f1", architecture="arch")
+    b = concept_mask("b", random_dense(rng, 0.5), fingerprint="f1", architecture="arch")
+    c = concept_mask("c", random_dense(rng, 0.5), fingerprint="f2", architecture="arch")
+    assert fuse_masks([a, b]).fingerprint == "f1"
+    assert fuse_masks([a, c]).fingerprint == ""
+    assert fuse_masks([a, b]).architecture == "arch"
