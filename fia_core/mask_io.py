@@ -101,7 +101,9 @@ def load_mask(path: str | os.PathLike) -> NeuronMask:
         header = json.loads(meta[HEADER_KEY])
         if header.get("format") != FORMAT:
             raise _fail(path, f"unknown format {header.get('format')!r}")
-        version = int(header["version"])
+        version = header["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise _fail(path, f"invalid format version {version!r}")
         if version > FORMAT_VERSION:
             raise _fail(path, f"format version {version} is newer than this pack supports ({FORMAT_VERSION}); update the pack")
         kind = header["kind"]

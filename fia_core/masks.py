@@ -129,12 +129,12 @@ def apply_mask_to_weight(
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    out = weight if inplace else weight.clone()
+    if inplace and not weight.is_contiguous():
+        raise ValueError("apply_mask_to_weight(inplace=True) needs a contiguous weight tensor")
+    out = weight if inplace else weight.clone(memory_format=torch.contiguous_format)
     if strength == 0.0 or indices.numel() == 0:
         return out
-    flat = out.view(-1) if out.is_contiguous() else None
-    if flat is None:
-        raise ValueError("apply_mask_to_weight needs a contiguous weight tensor")
+    flat = out.view(-1)
     idx = indices.to(out.device, torch.long)
     if strength == 1.0:
         flat.index_fill_(0, idx, 0)
@@ -147,10 +147,15 @@ def check_mask_matches(mask: NeuronMask, shapes: Mapping[str, tuple[int, int]], 
     """Raise ValueError when ``mask`` cannot apply to layers of these shapes."""
     from .targets import describe_architecture  # local: avoids an import cycle at load
 
-    if mask.target != target or dict(mask.layer_shapes) != {k: tuple(v) for k, v in shapes.items()}:
+    wanted = {k: tuple(v) for k, v in shapes.items()}
+    if mask.target != target or dict(mask.layer_shapes) != wanted:
         built = mask.params.get("model_type", "")
+        first = next((k for k in list(mask.layer_shapes) + list(wanted)
+                      if mask.layer_shapes.get(k) != wanted.get(k)), None)
+        detail = (f"; first difference at layer {first}: mask {mask.layer_shapes.get(first)}, "
+                  f"model {wanted.get(first)}") if first else ""
         raise ValueError(
             f"the mask was built for another architecture ({built + ': ' if built else ''}"
             f"{describe_architecture(mask.layer_shapes, mask.target)}) and cannot apply to this model "
-            f"({describe_architecture(shapes, target)})"
+            f"({describe_architecture(shapes, target)}{detail})"
         )

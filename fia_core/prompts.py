@@ -55,11 +55,13 @@ class PromptPair:
     base_prompt: str
 
 
-def _placeholder_in(text: str) -> str | None:
-    for name in PLACEHOLDERS:
-        if "{" + name + "}" in text:
-            return name
-    return None
+def _placeholders_in(*texts: str) -> list[str]:
+    return [name for name in PLACEHOLDERS if any("{" + name + "}" in t for t in texts)]
+
+
+#: base prompt of a custom template without base prompts: the built-in base of its first
+#: placeholder (the paper's base is the bare context), else the template without the concept
+_CONTEXT_BASE = {t.placeholder: t.base for t in TEMPLATES.values()}
 
 
 def _fill(text: str, **values: str) -> str:
@@ -89,7 +91,9 @@ def build_prompt_pairs(
     ``template`` is one of TEMPLATES or "custom". A custom template must contain
     "{concept}" and may use one of {place}, {person}, {object}. ``base_prompts`` (any
     template) replace the base side; they may use the same placeholder and are cycled.
-    Without them a custom template's base prompt is the template with "{concept}" removed.
+    Without them a custom template's base prompt is the bare context of its first
+    placeholder ("a {place}", "a photo of a {person}", "a {object}"), or the template with
+    "{concept}" removed when it has no placeholder.
     """
     concept = concept.strip()
     if not concept:
@@ -100,20 +104,21 @@ def build_prompt_pairs(
         if not custom_template or "{concept}" not in custom_template:
             raise ValueError('a custom template must contain "{concept}", e.g. "a {concept} in a {place}"')
         concept_templates: tuple[str, ...] = (custom_template,)
-        base_template = custom_template.replace("{concept}", "")
-        placeholder = _placeholder_in(custom_template)
+        found = _placeholders_in(custom_template)
+        base_template = _CONTEXT_BASE[found[0]] if found else custom_template.replace("{concept}", "")
     elif template in TEMPLATES:
         t = TEMPLATES[template]
-        concept_templates, base_template, placeholder = t.concept, t.base, t.placeholder
+        concept_templates, base_template = t.concept, t.base
     else:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES) + ['custom']}")
 
     bases = [b.strip() for b in (base_prompts or []) if b.strip()]
     rng = random.Random(seed)
-    values = _sample_values(PLACEHOLDERS[placeholder], num_prompts, rng) if placeholder else [""] * num_prompts
+    names = _placeholders_in(*concept_templates, base_template, *bases)
+    values = {name: _sample_values(PLACEHOLDERS[name], num_prompts, rng) for name in names}
     pairs = []
-    for i, value in enumerate(values):
-        fill = {placeholder: value} if placeholder else {}
+    for i in range(num_prompts):
+        fill = {name: values[name][i] for name in names}
         concept_prompt = _fill(concept_templates[i % len(concept_templates)], concept=concept, **fill)
         base = bases[i % len(bases)] if bases else base_template
         pairs.append(PromptPair(concept_prompt, _fill(base, **fill)))

@@ -126,8 +126,10 @@ class ConceptSaliency:
 
     def step_saliency(self, key: str):
         """Yield S_t [C_out, C_in] of one layer for t = 0..T-1 (fast mode)."""
-        if self.columns is None or self.weight_abs is None:
-            raise ValueError("per-step saliency exists in fast mode only")
+        if self.columns is None:
+            raise ValueError("per-step saliency exists in fast mode only (exact mode is integrated while recording)")
+        if self.weight_abs is None:
+            raise ValueError("fast-mode saliency needs weight_abs (|W| of the model) to build S_t = |W| * s_t")
         w = self.weight_abs[key]
         for col in self.columns[key]:
             yield w.float() * col.to(w.device)[None, :]

@@ -83,9 +83,17 @@ def test_custom_template_with_placeholder():
     for p in pairs:
         m = re.fullmatch(r"a photo of a parachute above the (.+)", p.concept_prompt)
         assert m and m.group(1) in PLACES, p
-        # the base side drops the concept and keeps the same context
-        assert "parachute" not in p.base_prompt and "{" not in p.base_prompt and "  " not in p.base_prompt
-        assert p.base_prompt.startswith("a photo of a") and p.base_prompt.endswith(f"above the {m.group(1)}")
+        # the base side is the bare context, as in the paper's objects template ("a <place>")
+        assert p.base_prompt == f"a {m.group(1)}"
+
+
+def test_custom_template_with_two_placeholders_fills_both():
+    pairs = build_prompt_pairs("Monet", "custom", num_prompts=5, seed=2,
+                               custom_template="a {object} near the {place} by {concept}")
+    for p in pairs:
+        m = re.fullmatch(r"a (.+) near the (.+) by Monet", p.concept_prompt)
+        assert m and m.group(1) in OBJECTS and m.group(2) in PLACES, p
+        assert p.base_prompt == f"a {m.group(2)}"
 
 
 def test_custom_template_with_object_placeholder():
