@@ -103,12 +103,14 @@ class ModelIdentity:
     description: str
 
 
-def model_identity(model, layers: list[TargetLayer], target: str = "ffn2") -> ModelIdentity:
+def model_identity(model, layers: list[TargetLayer], target: str = "ffn2",
+                   weight_abs: AbsWeights | None = None) -> ModelIdentity:
+    """Identity of the model; pass ``weight_abs`` when the caller holds it already."""
     shapes = {l.key: l.shape for l in layers}
     return ModelIdentity(
         model_type_name(model),
         architecture_signature(shapes),
-        abs_weights(model, layers).fingerprint,
+        (weight_abs if weight_abs is not None else abs_weights(model, layers)).fingerprint,
         describe_architecture(shapes, target),
     )
 

@@ -1,6 +1,7 @@
 """Shared input definitions and parsing for the FIA nodes (paper defaults, Appendix B)."""
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
@@ -101,9 +102,14 @@ def settings_from(node: str, kwargs: dict, r1: float) -> SaliencySettings:
 
 
 def progress_bar(total: int):
-    """A ComfyUI progress bar and a (done, total) callback for it."""
+    """A (done, total) callback that drives a ComfyUI progress bar and honours Cancel."""
     bar = comfy.utils.ProgressBar(max(1, total))
-    return lambda done, of: bar.update_absolute(done, of)
+
+    def update(done: int, of: int) -> None:
+        bar.update_absolute(done, of)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return update
 
 
 def split_lines(text: str) -> list[str]:

@@ -133,8 +133,8 @@ def run_concept_saliency(
     if settings.saliency_steps > settings.steps:
         raise ValueError(f"saliency_steps ({settings.saliency_steps}) must not exceed steps ({settings.steps})")
     layers = target_layers(model, settings.target)
-    identity = model_identity(model, layers, settings.target)
-    weight_abs = abs_weights(model, layers)
+    weight_abs = abs_weights(model, layers)  # held here: the weak cache then serves every later call
+    identity = model_identity(model, layers, settings.target, weight_abs)
     encoded_c = [_encode(clip, p.concept_prompt) for p in pairs]
     encoded_b = [_encode(clip, p.base_prompt) for p in pairs]
     negative = [list(_encode(clip, ""))]
@@ -266,10 +266,11 @@ def concept_saliency(
 ) -> tuple[ConceptSaliency, bool]:
     """Saliency from the disk cache when present, else by sampling. Returns (saliency, cached)."""
     layers = target_layers(model, settings.target)
-    identity = model_identity(model, layers, settings.target)
+    weight_abs = abs_weights(model, layers)
+    identity = model_identity(model, layers, settings.target, weight_abs)
     key = cache_key(identity.fingerprint, concept, pairs, settings)
     if use_cache:
-        hit = load_cached(key, abs_weights(model, layers), {l.key: l.shape for l in layers},
+        hit = load_cached(key, weight_abs, {l.key: l.shape for l in layers},
                           concept, pairs, settings, identity)
         if hit is not None:
             log.info("FIA: saliency for %r from cache", concept)
