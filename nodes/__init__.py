@@ -4,6 +4,7 @@ from .nodes_apply import FIAApplyMask, FIAForgetConcepts
 from .nodes_fusion import FIAFuseMasks
 from .nodes_io import FIALoadMask, FIAMaskInfo, FIASaveMask
 from .nodes_saliency import FIABuildConceptMask, FIAConceptSaliency
+from . import routes  # noqa: F401  (POST /fia/check_concepts; a no-op without a running server)
 
 _register_mask_folder()
 
