@@ -64,7 +64,8 @@ def _placeholders_in(*texts: str) -> list[str]:
 _CONTEXT_BASE = {t.placeholder: t.base for t in TEMPLATES.values()}
 
 
-def _fill(text: str, **values: str) -> str:
+def fill_placeholders(text: str, **values: str) -> str:
+    """Replace {name} placeholders by values and collapse whitespace."""
     for name, value in values.items():
         text = text.replace("{" + name + "}", value)
     return re.sub(r"\s+", " ", text).strip()
@@ -119,7 +120,7 @@ def build_prompt_pairs(
     pairs = []
     for i in range(num_prompts):
         fill = {name: values[name][i] for name in names}
-        concept_prompt = _fill(concept_templates[i % len(concept_templates)], concept=concept, **fill)
+        concept_prompt = fill_placeholders(concept_templates[i % len(concept_templates)], concept=concept, **fill)
         base = bases[i % len(bases)] if bases else base_template
-        pairs.append(PromptPair(concept_prompt, _fill(base, **fill)))
+        pairs.append(PromptPair(concept_prompt, fill_placeholders(base, **fill)))
     return pairs

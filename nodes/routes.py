@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from ..fia_core.prompts import PLACEHOLDERS, TEMPLATES
+from ..fia_core.prompts import PLACEHOLDERS, TEMPLATES, fill_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ ROUTE = "/fia/check_concepts"
 TOKEN_LIMIT = 75
 MAX_LINES = 512
 MAX_CHARS = 4000
-
-
-def _fill(text: str, **values: str) -> str:
-    for name, value in values.items():
-        text = text.replace("{" + name + "}", value)
-    return " ".join(text.split())
 
 
 def _concept_templates(template: str, custom_template: str = "") -> tuple[str, ...]:
@@ -54,7 +48,7 @@ def token_report(concepts: Sequence[str], template: str, count: Callable[[str], 
     longest = {name: max(values, key=count) for name, values in PLACEHOLDERS.items()}
 
     def worst(text: str, **values: str) -> tuple[int, str]:
-        prompt = _fill(text, **values, **{n: v for n, v in longest.items() if "{" + n + "}" in text})
+        prompt = fill_placeholders(text, **values, **{n: v for n, v in longest.items() if "{" + n + "}" in text})
         return count(prompt), prompt
 
     out_concepts = []
