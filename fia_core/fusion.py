@@ -40,6 +40,26 @@ def concept_masks_of(masks: Sequence[NeuronMask]) -> list[ConceptMask]:
     return out
 
 
+def selection_counts(index_sets: Sequence[torch.Tensor], numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s_ij of Eq. 7 for one layer: the sorted connections selected by any of the sets
+    (each of sorted unique flat indices) and how many sets select each.
+
+    When the sets are large, a transient int16 counter over the layer (one index_add_
+    per set) is several times faster than sorting their concatenation; it is freed on
+    return.
+    """
+    total = sum(int(s.numel()) for s in index_sets)
+    if total * 16 < numel or len(index_sets) >= torch.iinfo(torch.int16).max:
+        return torch.unique(torch.cat(list(index_sets)), sorted=True, return_counts=True)
+    device = index_sets[0].device
+    counter = torch.zeros(numel, dtype=torch.int16, device=device)
+    one = torch.ones((), dtype=torch.int16, device=device)
+    for s in index_sets:
+        counter.index_add_(0, s.to(device), one.expand(s.numel()))
+    uniq = counter.nonzero().squeeze(1)
+    return uniq, counter[uniq].long()
+
+
 @torch.no_grad()
 def fuse_masks(masks: Sequence[NeuronMask], alpha: float | None = 0.6) -> FusedMask:
     """The fused prune mask (Eq. 7-8) of several concept masks (or fused masks, re-fused
@@ -63,8 +83,7 @@ def fuse_masks(masks: Sequence[NeuronMask], alpha: float | None = 0.6) -> FusedM
     pruned: dict[str, LayerMask] = {}
     agnostic: dict[str, torch.Tensor] = {}
     for key, shape in first.layer_shapes.items():
-        idx = torch.cat([m.layers[key].indices for m in sources])
-        uniq, counts = torch.unique(idx, sorted=True, return_counts=True)
+        uniq, counts = selection_counts([m.layers[key].indices for m in sources], shape[0] * shape[1])
         if tau is None:
             keep = torch.zeros_like(counts, dtype=torch.bool)
         else:

@@ -31,6 +31,7 @@ import torch
 
 from .masks import ConceptMask, LayerMask
 from .neurons import ProgressFn, SensitivityIntegrator, select_from_sensitivity
+from .rank_one import select_fast_mode
 from .prompts import PromptPair
 from .targets import TargetLayer
 
@@ -41,11 +42,13 @@ EXACT_EPS = 1e-8
 
 
 def column_norm_statistic(x: torch.Tensor) -> torch.Tensor:
-    """fast mode's q: [B, N, C_in] layer input -> [B, C_in] ||X̂_j||_2 with X̂ token-normalised."""
-    x = x.float()
-    # sum_n x_nj^2 / ||x_n||^2 without materialising the normalised copy
-    inv_sq = x.square().sum(-1).clamp_min(1e-24).reciprocal()  # [B, N]
-    return torch.einsum("bnc,bn->bc", x.square(), inv_sq).sqrt()
+    """fast mode's q: [B, N, C_in] layer input -> [B, C_in] ||X̂_j||_2 with X̂ token-normalised.
+
+    Two reductions and one float32 temporary of x's size (the normalised copy): row norms
+    are accumulated in float32 without converting x first.
+    """
+    inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12).reciprocal_()
+    return torch.linalg.vector_norm(x * inv, dim=1)  # zero token rows stay zero
 
 
 def energy_statistic(x: torch.Tensor, y: torch.Tensor, eps: float = EXACT_EPS) -> torch.Tensor:
@@ -145,13 +148,13 @@ class ConceptSaliency:
         keys = list(self.layer_shapes)
         for i, key in enumerate(keys):
             if self.mode == "exact":
-                a = self.sensitivity[key]
+                indices = select_from_sensitivity(self.sensitivity[key], r2)
             else:
-                integrator = SensitivityIntegrator(r1)
-                for s_t in self.step_saliency(key):
-                    integrator.add(key, s_t)
-                a = integrator.sensitivity(key, release=True)
-            layers[key] = LayerMask(self.layer_shapes[key], select_from_sensitivity(a, r2))
+                if self.weight_abs is None:
+                    raise ValueError("fast-mode saliency needs weight_abs (|W| of the model) to build S_t = |W| * s_t")
+                # rank-one S_t: no layer-size pass per step (same result as integrating step_saliency)
+                indices = select_fast_mode(self.weight_abs, key, self.columns[key], r1, r2)
+            layers[key] = LayerMask(self.layer_shapes[key], indices)
             if progress:
                 progress(i + 1, len(keys))
         return ConceptMask(
@@ -251,12 +254,17 @@ class SaliencyRecorder:
     def clear_call(self) -> None:
         self._step = None
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, device: torch.device) -> tuple[slice, torch.Tensor, torch.Tensor]:
+        """The span of recorded rows (skipped rows, e.g. unconditional, are not computed at
+        all when outside it) and the concept / base rows relative to the span's start."""
         idx = self._index_cache.get(device)
         if idx is None:
-            c = [i for i, g in enumerate(self._rows) if g == CONCEPT]
-            b = [i for i, g in enumerate(self._rows) if g == BASE]
-            idx = (torch.tensor(c, dtype=torch.long, device=device), torch.tensor(b, dtype=torch.long, device=device))
+            used = [i for i, g in enumerate(self._rows) if g in (CONCEPT, BASE)]
+            lo = used[0] if used else 0
+            span = slice(lo, used[-1] + 1 if used else 0)
+            c = [i - lo for i, g in enumerate(self._rows) if g == CONCEPT]
+            b = [i - lo for i, g in enumerate(self._rows) if g == BASE]
+            idx = (span, torch.tensor(c, dtype=torch.long, device=device), torch.tensor(b, dtype=torch.long, device=device))
             self._index_cache[device] = idx
         return idx
 
@@ -269,14 +277,18 @@ class SaliencyRecorder:
                 f"layer {key}: the model call has {x.shape[0]} batch rows but the call context "
                 f"describes {len(self._rows)}"
             )
-        idx_c, idx_b = self._indices(x.device)
+        span, idx_c, idx_b = self._indices(x.device)
+        sides = self._moments[key].setdefault(self._step, {CONCEPT: RunningMoments(), BASE: RunningMoments()})
+        if not (idx_c.numel() or idx_b.numel()):
+            return
+        x = x[span]  # a view: only the recorded rows are computed
         if self.mode == "fast":
             q = column_norm_statistic(x)
         else:
+            y = y[span]
             if bias is not None:
                 y = y - bias.to(y.dtype)
             q = energy_statistic(x, y)
-        sides = self._moments[key].setdefault(self._step, {CONCEPT: RunningMoments(), BASE: RunningMoments()})
         if idx_c.numel():
             sides[CONCEPT].add(q.index_select(0, idx_c))
         if idx_b.numel():

@@ -21,6 +21,7 @@ from ..fia_core import (
     find_target_layers,
     weights_fingerprint,
 )
+from ..fia_core.rank_one import SharedAbsWeights
 
 try:  # ComfyUI >= 0.3.3x: patches may be objects that compute the new weight themselves
     from comfy.weight_adapter.base import WeightAdapterBase
@@ -48,11 +49,13 @@ def target_layers(model, target: str = "ffn2") -> list[TargetLayer]:
     return find_target_layers(model.model.diffusion_model, target)
 
 
-class AbsWeights(dict):
+class AbsWeights(SharedAbsWeights):
     """{layer key: |W|} as the sampler sees it (patches such as LoRAs included), on the CPU.
 
     A dict subclass so that it can be weakly cached: every concept of one model shares
-    one instance, and it is freed with the last saliency that uses it.
+    one instance, and it is freed with the last saliency that uses it. It also keeps each
+    layer's column order of |W| (fia_core.rank_one.ColumnOrder, built by the first mask
+    and reused by every later concept's mask building).
     """
 
     fingerprint: str = ""

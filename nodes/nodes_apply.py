@@ -5,7 +5,7 @@ import logging
 import re
 
 from ..fia_core import fuse_masks
-from .comfy_adapter import apply_mask
+from .comfy_adapter import abs_weights, apply_mask, target_layers
 from .common import (MASK, FIAInputError, alpha_input, fusion_input, progress_bar, r1_input, r2_input,
                      sampling_inputs, settings_from, template_inputs)
 from .nodes_saliency import make_pairs
@@ -98,6 +98,8 @@ class FIAForgetConcepts:
         items = parse_concepts(concepts, r2, node)
         settings = settings_from(node, kwargs, r1)
         bar = progress_bar(len(items) * settings.saliency_steps)
+        # held for the loop: every concept shares |W| and its per-model column order
+        weight_abs = abs_weights(model, target_layers(model, settings.target))
         masks = []
         for n, (concept, concept_r2) in enumerate(items):
             pairs = make_pairs(node, concept, template, kwargs["num_prompts"], kwargs["seed"])
@@ -109,6 +111,7 @@ class FIAForgetConcepts:
             saliency, _ = concept_saliency(model, clip, concept, pairs, settings, progress=progress)
             masks.append(saliency.select(r2=concept_r2))
             del saliency  # one concept's saliency at a time: memory stays flat in the concept count
+        del weight_abs
         fused = fuse_masks(masks, None if fusion == "union" else alpha)
         log.info("FIA: %s", summary_line(fused))
         patched = apply_mask(model, fused, strength, node=node)

@@ -104,12 +104,14 @@ class _StepTracker:
 
     def __init__(self):
         self.recorded: set[int] = set()
+        self._schedule: tuple[torch.Tensor, torch.Tensor] | None = None  # (schedule, its CPU copy)
 
-    @staticmethod
-    def index_of(sigma: float, schedule: torch.Tensor | None) -> int | None:
+    def index_of(self, sigma: float, schedule: torch.Tensor | None) -> int | None:
         if schedule is None:
             return None
-        sched = schedule.detach().float().cpu()
+        if self._schedule is None or self._schedule[0] is not schedule:  # one copy per sampling run
+            self._schedule = (schedule, schedule.detach().float().cpu())
+        sched = self._schedule[1]
         close = torch.isclose(sched, torch.tensor(sigma, dtype=torch.float32), rtol=1e-4, atol=1e-6).nonzero()
         return int(close[0, 0]) if close.numel() else None
 
@@ -119,6 +121,25 @@ class _StepTracker:
             return None
         self.recorded.add(step)
         return step
+
+
+def memory_bounded_pairs(model, wanted: int, h: int, w: int) -> int:
+    """Prompt pairs per sampling batch: ``wanted``, halved until one model call (concept and
+    base rows, with their unconditional rows: 4 rows per pair) fits beside the model on its
+    device by ComfyUI's own estimate (the 1.5 margin its sampler uses to batch conds)."""
+    mm = comfy.model_management
+    device = model.load_device
+    try:
+        budget = mm.get_total_memory(device) - model.model_size() - mm.extra_reserved_memory()
+        pairs = max(1, wanted)
+        while pairs > 1 and model.model.memory_required([4 * pairs, 4, h, w]) * 1.5 > budget:
+            pairs = (pairs + 1) // 2
+    except Exception as e:  # an estimate, never a reason to fail
+        log.debug("FIA: no memory estimate (%s); batch of %d pairs", e, wanted)
+        return max(1, wanted)
+    if pairs < wanted:
+        log.info("FIA: %d prompt pairs per batch instead of %d, to fit device memory", pairs, wanted)
+    return pairs
 
 
 def run_concept_saliency(
@@ -138,7 +159,11 @@ def run_concept_saliency(
     encoded_c = [_encode(clip, p.concept_prompt) for p in pairs]
     encoded_b = [_encode(clip, p.base_prompt) for p in pairs]
     negative = [list(_encode(clip, ""))]
-    pairs_per_batch = len(pairs) if settings.mode == "exact" else settings.batch_size
+    h, w = settings.height // 8, settings.width // 8
+    if settings.mode == "exact":
+        pairs_per_batch = len(pairs)
+    else:
+        pairs_per_batch = memory_bounded_pairs(model, settings.batch_size, h, w)
     batches = _row_batches(encoded_c, encoded_b, 2 * pairs_per_batch)
     if settings.mode == "exact" and len(batches) > 1:
         raise ValueError("exact mode needs every prompt in one batch; keep prompts under 77 CLIP tokens")
@@ -162,8 +187,9 @@ def run_concept_saliency(
         rows: list = []
         for kind in chunks:
             rows.extend(state["rows"] if kind == 0 and len(state["rows"]) == rows_per_chunk else [None] * rows_per_chunk)
-        step = _StepTracker.index_of(float(t[0]), transformer_options.get("sample_sigmas"))
-        step = state["tracker"].claim(step) if any(r is not None for r in rows) else None
+        tracker = state["tracker"]
+        step = tracker.index_of(float(t[0]), transformer_options.get("sample_sigmas"))
+        step = tracker.claim(step) if any(r is not None for r in rows) else None
         recorder.set_call(step, rows)
         try:
             return executor(x, t, *args, **kwargs)
@@ -177,7 +203,6 @@ def run_concept_saliency(
     work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
     work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model)
 
-    h, w = settings.height // 8, settings.width // 8
     for batch in batches:
         comfy.model_management.throw_exception_if_processing_interrupted()
         state["rows"] = tuple(side for side, _ in batch)
