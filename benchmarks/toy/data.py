@@ -1,16 +1,16 @@
 """Procedural image set of the toy benchmark: shapes (the concepts) in places (contexts).
 
-Every image is 16 x 16 RGB in [-1, 1]: one coloured shape (or none) on a background
-that stands for a place (a colour layout). The ten shapes play the role of the paper's ten Imagenette
-classes; the thirty places are exactly the <place> list of the paper's object template
-(fia_core.prompts.PLACES, Table 7), so FIA's own "objects" template ("a circle in a
-forest" / "a forest") works on this model unchanged. Each place has a fixed background
-(pattern + two colours); places of one kind look alike (lawn, park and valley are
-green), as in the real world.
+Every image is 16 x 16 RGB in [-1, 1]: one coloured shape (or none), centred, on a
+background that stands for a place. The ten shapes play the role of the paper's ten
+Imagenette classes; the thirty places are exactly the <place> list of the paper's object
+template (fia_core.prompts.PLACES, Table 7), so FIA's own "objects" template ("a circle
+in a forest" / "a forest") works on this model unchanged. Each place has a fixed,
+low-frequency colour layout (solid, gradient, horizon, left-right); places of one kind
+look alike (lawn, park and valley are green), as in the real world.
 
-Prompts (``caption``) describe what is drawn, in several phrasings, so that the model
-sees "a red circle in a forest", "a circle near the forest", "a circle", "a forest",
-... and an empty prompt (classifier-free-guidance dropout) for a tenth of the images.
+Prompts describe what is drawn, in several phrasings, so that the model sees "a red
+circle in a forest", "a circle near the forest", "a circle", "a forest", ... and an
+empty prompt (classifier-free-guidance dropout) for a tenth of the images.
 
 Everything is a pure function of a numpy Generator: the same seed gives the same
 images on any machine.

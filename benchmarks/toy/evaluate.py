@@ -439,7 +439,9 @@ def markdown(res: dict) -> str:
                 mark = " (erased)" if c in entry["forget"] else ""
                 lines.append(f"| {c}{mark} | " + " | ".join(pct(entry["rows"][m]["acc"][c]) for m in methods) + " |")
             lines.append("")
-    lines += ["## Sweep (validation split, forgetting each half, means)", "",
+    n_halves = cfg.get("sweep_halves", len(cfg["halves"]))
+    which = "the first half" if n_halves == 1 else f"the first {n_halves} halves (means)"
+    lines += [f"## Sweep (validation split, forgetting {which})", "",
               "| r2 | fusion | alpha | F | P | H | sparsity FFN2 | agnostic kept |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for e in res["sweep"]:
         lines.append(f"| {e['r2']} | {e['fusion']} | {e['alpha'] if e['alpha'] is not None else '-'} | {pct(e['F'])} | "

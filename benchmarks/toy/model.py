@@ -4,9 +4,9 @@
   of ``comfy.supported_models.SD15`` (:class:`ToySD15`) with a small unet_config:
   32 channels, levels [1, 2, 2] at 16x16, 8x8 and 4x4, spatial transformers at 8x8, 4x4
   and in the middle (none at full resolution, as in SDXL), context 64. Its FFN2 layers
-  are ``ff.net.2`` of seven BasicTransformerBlocks, exactly as in SD. v-prediction on SD's own sigma schedule
-  (``model_sampling`` of ``BaseModel``, ModelType.V_PREDICTION, as SD 2.x 768-v models;
-  see train.py for why not EPS).
+  are ``ff.net.2`` of seven BasicTransformerBlocks, exactly as in SD. v-prediction on
+  SD's own sigma schedule (``model_sampling`` of ``BaseModel``,
+  ModelType.V_PREDICTION, as SD 2.x 768-v models; see train.py for why not EPS).
 - Text encoder: ``comfy.sd.CLIP`` with the real SD1 tokenizer and a 2-layer, width-64
   CLIP-L (:class:`ToyClipModel`, an SD1ClipModel with a small transformer config).
 - VAE: a TAESD-shaped state dict (ComfyUI detects it under ``first_stage_model.``),
