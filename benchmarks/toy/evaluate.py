@@ -19,10 +19,11 @@ Protocol (the paper's Imagenette experiment, scaled down):
   Every mask is built and applied by the pack's nodes: FIAConceptSaliency (template
   "objects", the paper's prompt template, unchanged), FIABuildConceptMask, FIAFuseMasks,
   FIAApplyMask.
-- Hyper-parameters: a sweep over r2 and alpha runs on a validation split (other seeds and
-  prompts than the test split, forgetting the first half); the main table uses the
-  sweep's best (r2, alpha) by H and, for the half groups, also the paper's defaults
-  (r2 = 0.01, alpha = 0.6). Nothing is tuned on the test split.
+- Hyper-parameters: a sweep over the saliency mode (fast = the reference code's
+  statistic, exact = Eq. 1 with the cosine), r2 and alpha runs on a validation split
+  (other seeds and prompts than the test split, forgetting the first half); the main
+  table uses the sweep's best (mode, r2, alpha) by H and, for the half groups, also the
+  paper's defaults (fast, r2 = 0.01, alpha = 0.6). Nothing is tuned on the test split.
 - How much of the concepts FFN2 carries at all: accuracy with every FFN2 connection
   zeroed, and with half of them zeroed at random.
 - ``--explore`` instead runs what the method offers beyond the defaults (exact saliency,
@@ -79,7 +80,7 @@ class Config:
     alpha: float | None = None
     paper_r2: float = 0.01
     paper_alpha: float = 0.6
-    mode: str = "fast"
+    mode: str | None = None  # saliency mode of the main table; None = chosen by the sweep
     saliency_schedule: int = 50
     saliency_steps: int = 10
     saliency_cfg: float = 5.0
@@ -92,6 +93,7 @@ class Config:
     halves: tuple = (("circle", "square", "triangle", "cross", "ring"), ("diamond", "heart", "moon", "arrow", "star"))
     sweep_r2: tuple = (0.01, 0.03, 0.1, 0.3)
     sweep_alpha: tuple = (0.4, 0.6, 0.8)
+    sweep_modes: tuple = ("fast", "exact")  # the reference code's Wanda-style statistic, and Eq. 1 with the cosine
     sweep_halves: int = 1  # the sweep forgets the first half (the test split forgets both)
     random_seed: int = 0
     threads: int = 1  # 2 threads were up to 80x slower than 1 on a 2-core machine shared with other jobs
@@ -104,7 +106,7 @@ class Config:
 QUICK = dict(concepts=("circle", "square", "triangle"), test_images=2, val_images=2, sample_steps=4,
              saliency_schedule=4, saliency_steps=2, num_prompts=2, saliency_batch=2,
              singles=("circle",), pairs=(("circle", "square"),), halves=(("circle",),),
-             sweep_r2=(0.05,), sweep_alpha=(0.6,), samples_per_concept=2)
+             sweep_r2=(0.05,), sweep_alpha=(0.6,), sweep_modes=("fast", "exact"), samples_per_concept=2)
 
 
 def harmonic(p: float, f: float) -> float:
@@ -166,27 +168,28 @@ class Bench:
         return {"acc": acc, "pred": labels, "latents": lat}
 
     # -- masks through the nodes -----------------------------------------------------
-    def concept_saliency(self, concept: str):
-        if concept not in self.saliency:
+    def concept_saliency(self, concept: str, mode: str = "fast"):
+        key = (concept, mode)
+        if key not in self.saliency:
             cfg = self.cfg
             t0 = time.time()
             out = self.n_saliency.compute(
                 self.model, self.clip, concept, "objects", cfg.r1, steps=cfg.saliency_schedule,
                 saliency_steps=cfg.saliency_steps, cfg=cfg.saliency_cfg, sampler_name="euler",
-                scheduler="normal", seed=cfg.saliency_seed, width=8 * 16, height=8 * 16, mode=cfg.mode,
+                scheduler="normal", seed=cfg.saliency_seed, width=8 * 16, height=8 * 16, mode=mode,
                 batch_size=cfg.saliency_batch, num_prompts=cfg.num_prompts)
-            self.saliency[concept] = out["result"][0]
-            self.timing["saliency"] = self.timing.get("saliency", 0.0) + time.time() - t0
-        return self.saliency[concept]
+            self.saliency[key] = out["result"][0]
+            self.timing[f"saliency_{mode}"] = self.timing.get(f"saliency_{mode}", 0.0) + time.time() - t0
+        return self.saliency[key]
 
-    def concept_mask(self, concept: str, r2: float):
-        key = (concept, r2)
+    def concept_mask(self, concept: str, r2: float, mode: str = "fast"):
+        key = (concept, r2, mode)
         if key not in self.masks:
-            self.masks[key] = self.n_build.build(self.concept_saliency(concept), r2)["result"][0]
+            self.masks[key] = self.n_build.build(self.concept_saliency(concept, mode), r2)["result"][0]
         return self.masks[key]
 
-    def fused(self, concepts, r2: float, alpha: float | None):
-        masks = [self.concept_mask(c, r2) for c in concepts]
+    def fused(self, concepts, r2: float, alpha: float | None, mode: str = "fast"):
+        masks = [self.concept_mask(c, r2, mode) for c in concepts]
         extra = {f"mask_{i + 2}": m for i, m in enumerate(masks[1:])}
         fusion = "union" if alpha is None else "concept-agnostic"
         return self.n_fuse.fuse(masks[0], alpha if alpha is not None else 0.6, fusion, **extra)["result"][0]
@@ -282,32 +285,31 @@ def _run(cfg: Config, out_dir: Path, prefix: str, log_fn, pictures: bool, t_star
 
     # -- sweep on the validation split --------------------------------------------------
     sweep = []
-    for r2 in cfg.sweep_r2:
-        for alpha in list(cfg.sweep_alpha) + [None]:
-            rows = []
-            for half in cfg.halves[:cfg.sweep_halves]:
-                mask = bench.fused(half, r2, alpha)
-                acc = bench.judge_mask(mask, "val")["acc"]
-                rows.append({**score(acc, half), **bench.sparsity(mask)})
-            entry = {"r2": r2, "alpha": alpha, "fusion": "union" if alpha is None else "concept-agnostic",
-                     "F": float(np.mean([r["F"] for r in rows])), "P": float(np.mean([r["P"] for r in rows])),
-                     "ffn2_fraction": float(np.mean([r["ffn2_fraction"] for r in rows])),
-                     "agnostic_kept": float(np.mean([r["agnostic_kept"] for r in rows]))}
-            entry["H"] = harmonic(entry["P"], entry["F"])
-            sweep.append(entry)
-            say(f"[bench] sweep r2={r2} alpha={alpha}: F {100 * entry['F']:.1f} P {100 * entry['P']:.1f} "
-                f"H {100 * entry['H']:.1f} sparsity {100 * entry['ffn2_fraction']:.2f} % "
-                f"({time.time() - t_start:.0f} s)")
+    modes = (cfg.mode,) if cfg.mode else cfg.sweep_modes
+    for mode, r2, alpha in ((m, r, a) for m in modes for r in cfg.sweep_r2 for a in (*cfg.sweep_alpha, None)):
+        rows = []
+        for half in cfg.halves[:cfg.sweep_halves]:
+            mask = bench.fused(half, r2, alpha, mode)
+            acc = bench.judge_mask(mask, "val")["acc"]
+            rows.append({**score(acc, half), **bench.sparsity(mask)})
+        entry = {"mode": mode, "r2": r2, "alpha": alpha, "fusion": "union" if alpha is None else "concept-agnostic",
+                 "F": float(np.mean([r["F"] for r in rows])), "P": float(np.mean([r["P"] for r in rows])),
+                 "ffn2_fraction": float(np.mean([r["ffn2_fraction"] for r in rows])),
+                 "agnostic_kept": float(np.mean([r["agnostic_kept"] for r in rows]))}
+        entry["H"] = harmonic(entry["P"], entry["F"])
+        sweep.append(entry)
+        say(f"[bench] sweep {mode} r2={r2} alpha={alpha}: F {100 * entry['F']:.1f} P {100 * entry['P']:.1f} "
+            f"H {100 * entry['H']:.1f} sparsity {100 * entry['ffn2_fraction']:.2f} % "
+            f"({time.time() - t_start:.0f} s)")
     fia_rows = [e for e in sweep if e["alpha"] is not None]
     best = max(fia_rows, key=lambda e: (e["H"], -e["ffn2_fraction"]))
     r2 = cfg.r2 if cfg.r2 is not None else best["r2"]
     alpha = cfg.alpha if cfg.alpha is not None else best["alpha"]
-    say(f"[bench] chosen on the validation split: r2={r2} alpha={alpha}")
+    mode = best["mode"]
+    say(f"[bench] chosen on the validation split: mode={mode} r2={r2} alpha={alpha}")
 
     # -- the main table on the test split -----------------------------------------------
-    settings = [("FIA", r2, alpha)]
-    if (cfg.paper_r2, cfg.paper_alpha) != (r2, alpha):
-        settings.append(("FIA (paper defaults)", cfg.paper_r2, cfg.paper_alpha))
+    paper = ("fast", cfg.paper_r2, cfg.paper_alpha)  # the reference code's statistic and the paper's r2 / alpha
     groups = (("1 concept", [(c,) for c in cfg.singles]), ("2 concepts", [tuple(p) for p in cfg.pairs]),
               (f"half ({len(cfg.halves[0])} concepts)", [tuple(h) for h in cfg.halves]))
     table = []
@@ -318,12 +320,12 @@ def _run(cfg: Config, out_dir: Path, prefix: str, log_fn, pictures: bool, t_star
             forget = tuple(forget)
             rows = {"unpruned": {**score(test_acc0, forget), "ffn2_fraction": 0.0, "unet_fraction": 0.0,
                                  "acc": test_acc0}}
-            fia_mask = bench.fused(forget, r2, alpha)
-            union_mask = bench.fused(forget, r2, None)
+            fia_mask = bench.fused(forget, r2, alpha, mode)
+            union_mask = bench.fused(forget, r2, None, mode)
             variants = [("random", bench.random_like(fia_mask, cfg.random_seed + len(table))),
                         ("union", union_mask), ("FIA", fia_mask)]
-            if len(settings) > 1 and group.startswith("half"):
-                variants.append(("FIA (paper defaults)", bench.fused(forget, cfg.paper_r2, cfg.paper_alpha)))
+            if paper != (mode, r2, alpha) and group.startswith("half"):
+                variants.append(("FIA (paper defaults)", bench.fused(forget, cfg.paper_r2, cfg.paper_alpha, paper[0])))
             for name, mask in variants:
                 res = bench.judge_mask(mask, "test")
                 rows[name] = {**score(res["acc"], forget), **bench.sparsity(mask), "acc": res["acc"]}
@@ -336,20 +338,20 @@ def _run(cfg: Config, out_dir: Path, prefix: str, log_fn, pictures: bool, t_star
 
     summary = summarize(table)
     result = {
-        "config": asdict(cfg), "chosen": {"r2": r2, "alpha": alpha, "selected_on": "validation split, max H forgetting half"},
+        "config": asdict(cfg), "chosen": {"mode": mode, "r2": r2, "alpha": alpha, "selected_on": "validation split, max H forgetting half"},
         "classifier_on_unpruned": {"test": base["test"]["acc"], "val": base["val"]["acc"]},
         "table": table, "summary": summary, "sweep": sweep, "ffn2_ablation": ablation,
         "targets": targets(summary, table),
         "unet_params": bench.unet_params,
-        "ffn2_connections": sum(l.numel for l in bench.concept_mask(cfg.concepts[0], r2).layers.values()),
-        "ffn2_layers": len(bench.concept_mask(cfg.concepts[0], r2).layers),
+        "ffn2_connections": sum(l.numel for l in bench.concept_mask(cfg.concepts[0], r2, mode).layers.values()),
+        "ffn2_layers": len(bench.concept_mask(cfg.concepts[0], r2, mode).layers),
         "seconds": round(time.time() - t_start, 1), "timing": {k: round(v, 1) for k, v in bench.timing.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{prefix}_benchmark.json").write_text(json.dumps(result, indent=1))
     (out_dir / f"{prefix}_benchmark.md").write_text(markdown(result))
     if pictures:
-        plot_sweep(sweep, out_dir / f"{prefix}_sweep.png", r2, alpha)
+        plot_sweep(sweep, out_dir / f"{prefix}_sweep.png", r2, alpha, mode)
         if "FIA" in samples:
             before_after_sheet(base["test"]["latents"], samples["FIA"], cfg, tuple(cfg.halves[0]),
                                out_dir / f"{prefix}_samples.png")
@@ -407,9 +409,11 @@ def markdown(res: dict) -> str:
         f"({cfg['sampler']}/{cfg['scheduler']}, {cfg['sample_steps']} steps, CFG {cfg['cfg']}), judged by the toy classifier.",
         "",
         f"FIA settings: r1 = {cfg['r1']}, saliency from the first {cfg['saliency_steps']} of {cfg['saliency_schedule']} "
-        f"steps, {cfg['num_prompts']} prompt pairs per concept (template 'objects'), mode {cfg['mode']}; "
-        f"r2 = {res['chosen']['r2']}, alpha = {res['chosen']['alpha']} (chosen on the validation split: "
-        f"best H when forgetting half). Random = as many FFN2 connections per layer as FIA prunes, at random.",
+        f"steps, {cfg['num_prompts']} prompt pairs per concept (template 'objects'); saliency mode "
+        f"{res['chosen']['mode']}, r2 = {res['chosen']['r2']}, alpha = {res['chosen']['alpha']} (chosen on the "
+        f"validation split: best H when forgetting half). Union = the same concept masks, fused by naive union. "
+        f"Random = as many FFN2 connections per layer as FIA prunes, at random. FIA (paper defaults) = mode fast "
+        f"(the reference code's statistic), r2 = {cfg['paper_r2']}, alpha = {cfg['paper_alpha']}.",
         "",
         "F = forgetting accuracy on erased concepts (lower is better), P = preserving accuracy on the others, "
         "H = harmonic mean of P and 1 - F, sparsity = pruned share of FFN2 connections (of all UNet weights). "
@@ -442,9 +446,10 @@ def markdown(res: dict) -> str:
     n_halves = cfg.get("sweep_halves", len(cfg["halves"]))
     which = "the first half" if n_halves == 1 else f"the first {n_halves} halves (means)"
     lines += [f"## Sweep (validation split, forgetting {which})", "",
-              "| r2 | fusion | alpha | F | P | H | sparsity FFN2 | agnostic kept |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "| mode | r2 | fusion | alpha | F | P | H | sparsity FFN2 | agnostic kept |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for e in res["sweep"]:
-        lines.append(f"| {e['r2']} | {e['fusion']} | {e['alpha'] if e['alpha'] is not None else '-'} | {pct(e['F'])} | "
+        lines.append(f"| {e.get('mode', 'fast')} | {e['r2']} | {e['fusion']} | {e['alpha'] if e['alpha'] is not None else '-'} | {pct(e['F'])} | "
                      f"{pct(e['P'])} | {pct(e['H'])} | {100 * e['ffn2_fraction']:.2f} | {e['agnostic_kept']:.0f} |")
     abl = res.get("ffn2_ablation") or {}
     if abl:
@@ -476,10 +481,11 @@ def _font():
         return ImageFont.load_default()
 
 
-def plot_sweep(sweep: list, path: Path, r2_star: float, alpha_star: float) -> None:
-    """Two panels: H vs r2 per alpha (and union); F and P vs FFN2 sparsity."""
+def plot_sweep(sweep: list, path: Path, r2_star: float, alpha_star: float, mode: str = "fast") -> None:
+    """Two panels, for the chosen saliency mode: H vs r2 per alpha (and union); F and P vs FFN2 sparsity."""
     from PIL import Image, ImageDraw
 
+    sweep = [e for e in sweep if e.get("mode", "fast") == mode]
     W, Hh, pad = 980, 420, 60
     img = Image.new("RGB", (W, Hh), "white")
     d = ImageDraw.Draw(img)
@@ -512,7 +518,7 @@ def plot_sweep(sweep: list, path: Path, r2_star: float, alpha_star: float) -> No
     def Y(v):
         return Hh - pad - (Hh - 2 * pad) * v
 
-    X = axes(pad, "overall score H (%) vs r2 (validation, forget half)", "r2", r2s, lambda v: f"{v:g}", True)
+    X = axes(pad, f"overall score H (%) vs r2 (validation, forget half, {mode} saliency)", "r2", r2s, lambda v: f"{v:g}", True)
     for i, a in enumerate(alphas):
         pts = [(X(e["r2"]), Y(e["H"])) for e in sweep if e["alpha"] == a]
         col = colors[i % len(colors)]
