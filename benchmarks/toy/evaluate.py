@@ -102,11 +102,15 @@ class Config:
     checkpoint: str = str(M.CHECKPOINT)
     classifier: str = str(M.CLASSIFIER)
 
+    def saliency_modes(self) -> tuple:
+        """The saliency modes the sweep tries: the fixed ``mode``, or ``sweep_modes``."""
+        return (self.mode,) if self.mode else tuple(self.sweep_modes)
+
 
 QUICK = dict(concepts=("circle", "square", "triangle"), test_images=2, val_images=2, sample_steps=4,
              saliency_schedule=4, saliency_steps=2, num_prompts=2, saliency_batch=2,
              singles=("circle",), pairs=(("circle", "square"),), halves=(("circle",),),
-             sweep_r2=(0.05,), sweep_alpha=(0.6,), sweep_modes=("fast", "exact"), samples_per_concept=2)
+             sweep_r2=(0.05,), sweep_alpha=(0.6,), samples_per_concept=2)
 
 
 def harmonic(p: float, f: float) -> float:
@@ -168,7 +172,7 @@ class Bench:
         return {"acc": acc, "pred": labels, "latents": lat}
 
     # -- masks through the nodes -----------------------------------------------------
-    def concept_saliency(self, concept: str, mode: str = "fast"):
+    def concept_saliency(self, concept: str, mode: str):
         key = (concept, mode)
         if key not in self.saliency:
             cfg = self.cfg
@@ -182,13 +186,13 @@ class Bench:
             self.timing[f"saliency_{mode}"] = self.timing.get(f"saliency_{mode}", 0.0) + time.time() - t0
         return self.saliency[key]
 
-    def concept_mask(self, concept: str, r2: float, mode: str = "fast"):
+    def concept_mask(self, concept: str, r2: float, mode: str):
         key = (concept, r2, mode)
         if key not in self.masks:
             self.masks[key] = self.n_build.build(self.concept_saliency(concept, mode), r2)["result"][0]
         return self.masks[key]
 
-    def fused(self, concepts, r2: float, alpha: float | None, mode: str = "fast"):
+    def fused(self, concepts, r2: float, alpha: float | None, mode: str):
         masks = [self.concept_mask(c, r2, mode) for c in concepts]
         extra = {f"mask_{i + 2}": m for i, m in enumerate(masks[1:])}
         fusion = "union" if alpha is None else "concept-agnostic"
@@ -218,7 +222,8 @@ class Bench:
             n = layer.numel
             idx = torch.arange(n) if fraction >= 1.0 else torch.randperm(n, generator=g)[:int(fraction * n)].sort().values
             layers[layer.key] = fia.LayerMask(layer.shape, idx)
-        ref = self.concept_mask(self.cfg.concepts[0], self.cfg.sweep_r2[0]) if target == "ffn2" else None
+        ref = (self.concept_mask(self.cfg.concepts[0], self.cfg.sweep_r2[0], self.cfg.saliency_modes()[0])
+               if target == "ffn2" else None)
         return fia.ConceptMask(concepts=(f"{fraction:.0%} of {target}",), target=target, layers=layers,
                                architecture=ref.architecture if ref else "", fingerprint=ref.fingerprint if ref else "",
                                params={"fraction": fraction, "seed": seed})
@@ -285,8 +290,7 @@ def _run(cfg: Config, out_dir: Path, prefix: str, log_fn, pictures: bool, t_star
 
     # -- sweep on the validation split --------------------------------------------------
     sweep = []
-    modes = (cfg.mode,) if cfg.mode else cfg.sweep_modes
-    for mode, r2, alpha in ((m, r, a) for m in modes for r in cfg.sweep_r2 for a in (*cfg.sweep_alpha, None)):
+    for mode, r2, alpha in ((m, r, a) for m in cfg.saliency_modes() for r in cfg.sweep_r2 for a in (*cfg.sweep_alpha, None)):
         rows = []
         for half in cfg.halves[:cfg.sweep_halves]:
             mask = bench.fused(half, r2, alpha, mode)
@@ -449,7 +453,7 @@ def markdown(res: dict) -> str:
               "| mode | r2 | fusion | alpha | F | P | H | sparsity FFN2 | agnostic kept |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for e in res["sweep"]:
-        lines.append(f"| {e.get('mode', 'fast')} | {e['r2']} | {e['fusion']} | {e['alpha'] if e['alpha'] is not None else '-'} | {pct(e['F'])} | "
+        lines.append(f"| {e['mode']} | {e['r2']} | {e['fusion']} | {e['alpha'] if e['alpha'] is not None else '-'} | {pct(e['F'])} | "
                      f"{pct(e['P'])} | {pct(e['H'])} | {100 * e['ffn2_fraction']:.2f} | {e['agnostic_kept']:.0f} |")
     abl = res.get("ffn2_ablation") or {}
     if abl:
@@ -481,11 +485,11 @@ def _font():
         return ImageFont.load_default()
 
 
-def plot_sweep(sweep: list, path: Path, r2_star: float, alpha_star: float, mode: str = "fast") -> None:
+def plot_sweep(sweep: list, path: Path, r2_star: float, alpha_star: float, mode: str) -> None:
     """Two panels, for the chosen saliency mode: H vs r2 per alpha (and union); F and P vs FFN2 sparsity."""
     from PIL import Image, ImageDraw
 
-    sweep = [e for e in sweep if e.get("mode", "fast") == mode]
+    sweep = [e for e in sweep if e["mode"] == mode]
     W, Hh, pad = 980, 420, 60
     img = Image.new("RGB", (W, Hh), "white")
     d = ImageDraw.Draw(img)
