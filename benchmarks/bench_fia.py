@@ -16,7 +16,7 @@ What is measured, side by side and interleaved (repeat r runs pack, reference an
 the same concept, rotating their order), medians over the repeats:
 (a) pack: nodes.saliency_runner.run_concept_saliency (only the first saliency_steps of
     the schedule are sampled, prompt pairs batched, hooks keep per-column statistics on
-    the device) and ConceptSaliency.select (rank-one Eq. 3-6 on sorted columns of |W|);
+    the device) and select_concept_mask (rank-one Eq. 3-6 on sorted columns of |W|);
 (b) reference: benchmarks/reference_fia.py, a re-implementation of the published
     procedure: full-length sampling, one prompt at a time, a CPU copy of the activation
     in every hook call, dense Eq. 3-6;
@@ -255,6 +255,7 @@ class Bench:
         self.adapter = sys.modules[f"{name}.nodes.comfy_adapter"]
         self.core = sys.modules[f"{name}.fia_core"]
         self.rank_one = sys.modules[f"{name}.fia_core.rank_one"]
+        self.neurons = sys.modules[f"{name}.fia_core.neurons"]
         self.node_classes = pack.NODE_CLASS_MAPPINGS
         from benchmarks import reference_fia
 
@@ -377,7 +378,7 @@ class Bench:
                         with Timer(self.device) as t_sal:
                             sal = self.run_pack(model, clip, concept, pairs, settings if proc == "pack" else settings_1pair)
                         with Timer(self.device) as t_mask:
-                            mask = sal.select(r2=R2)
+                            mask = self.core.select_concept_mask(sal, R2)
                         masks[proc] = {k: l.indices for k, l in mask.layers.items()}
                         if proc == "pack":
                             kept = sal
@@ -485,7 +486,7 @@ class Bench:
         for i, cols in enumerate(all_cols):
             _trim()
             with PeakMemory("cpu") as mem, Timer("cpu") as t:
-                layers = {k: self.core.LayerMask(shapes[k], rank_one.select_fast_mode(shared, k, cols[k], R1, R2))
+                layers = {k: self.core.LayerMask(shapes[k], self.neurons.fast_layer_indices(shared, k, cols[k], R1, R2))
                           for k in shapes}
             times.append(t.seconds)
             peaks.append(mem.peak)
@@ -535,7 +536,7 @@ class Bench:
         masks = []
         for i in range(2):
             cols = self.synthetic_columns(shapes, 100 + i, self.cfg["saliency_steps"])
-            layers_m = {k: self.core.LayerMask(shapes[k], self.rank_one.select_fast_mode(weight_abs, k, cols[k], R1, R2))
+            layers_m = {k: self.core.LayerMask(shapes[k], self.neurons.fast_layer_indices(weight_abs, k, cols[k], R1, R2))
                         for k in shapes}
             masks.append(self.core.ConceptMask((f"c{i}",), "ffn2", layers_m,
                                                fingerprint=weight_abs.fingerprint))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 
-from ..fia_core import fuse_masks
+from ..fia_core import fuse_masks, select_concept_mask
 from .comfy_adapter import abs_weights, apply_mask, target_layers
 from .common import (MASK, FIAInputError, alpha_input, fusion_input, progress_bar, r1_input, r2_input,
                      sampling_inputs, settings_from, template_inputs)
@@ -109,7 +109,7 @@ class FIAForgetConcepts:
                     len(items) * settings.saliency_steps)
 
             saliency, _ = concept_saliency(model, clip, concept, pairs, settings, progress=progress)
-            masks.append(saliency.select(r2=concept_r2))
+            masks.append(select_concept_mask(saliency, concept_r2))
             del saliency  # one concept's saliency at a time: memory stays flat in the concept count
         del weight_abs
         fused = fuse_masks(masks, None if fusion == "union" else alpha)

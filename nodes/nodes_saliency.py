@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ..fia_core import ConceptSaliency
+from ..fia_core import ConceptSaliency, select_concept_mask
 from ..fia_core.prompts import build_prompt_pairs
 from .common import MASK, SALIENCY, FIAInputError, progress_bar, r1_input, r2_input, sampling_inputs, settings_from, split_lines, template_inputs
 from .report import short_summary, summary_line
@@ -87,6 +87,6 @@ class FIABuildConceptMask:
         }}
 
     def build(self, saliency: ConceptSaliency, r2: float):
-        mask = saliency.select(r2=r2, progress=progress_bar(len(saliency.layer_shapes)))
+        mask = select_concept_mask(saliency, r2, progress=progress_bar(len(saliency.layer_shapes)))
         log.info("FIA: %s", summary_line(mask))
         return {"ui": {"fia_summary": [short_summary(mask)]}, "result": (mask,)}

@@ -29,7 +29,7 @@ import comfy.sample
 import comfy.utils
 import folder_paths
 
-from ..fia_core import BASE, CONCEPT, ConceptSaliency, PromptPair, SaliencyRecorder
+from ..fia_core import BASE, CONCEPT, ConceptSaliency, FastSaliency, PromptPair, SaliencyRecorder
 from ..fia_core.prompts import build_prompt_pairs
 from .comfy_adapter import abs_weights, model_identity, target_layers
 
@@ -263,8 +263,8 @@ def load_cached(key: str, weight_abs, layer_shapes, concept, pairs, settings, id
     except Exception as e:  # a damaged cache entry is recomputed, never trusted
         log.warning("FIA saliency cache entry %s unreadable (%s); recomputing", path, e)
         return None
-    return ConceptSaliency(
-        concept, "fast", settings.target, dict(layer_shapes), settings.saliency_steps, settings.r1,
+    return FastSaliency(
+        concept, settings.target, dict(layer_shapes), settings.saliency_steps, settings.r1,
         columns=columns, weight_abs=weight_abs, prompts=tuple(pairs), architecture=identity.architecture,
         fingerprint=identity.fingerprint, settings={"model_type": identity.model_type, **settings.as_dict()},
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fia_core import SensitivityIntegrator, select_concept_neurons, select_from_sensitivity, top_fraction_count
+from fia_core import SensitivityIntegrator, StepSaliency, select_concept_mask, select_from_sensitivity, top_fraction_count
 from fia_core.saliency import column_norm_statistic, energy_statistic
 
 EPS = 1e-8
@@ -332,11 +332,11 @@ def random_steps(seed, shapes, t=4, zero_frac=0.4):
 
 
 @pytest.mark.parametrize("seed,r1,r2", [(0, 0.05, 0.1), (1, 0.3, 0.25), (2, 0.001, 0.01), (3, 0.5, 0.5)])
-def test_select_concept_neurons_matches_reference(seed, r1, r2):
+def test_select_concept_mask_matches_reference(seed, r1, r2):
     shapes = {"blocks.0.ff.net.2": (6, 10), "blocks.1.ff.net.2": (4, 16), "blocks.2.ff.net.2": (3, 3)}
     steps = random_steps(seed, shapes)
-    mask = select_concept_neurons(
-        [{k: torch.from_numpy(v) for k, v in s.items()} for s in steps], r1=r1, r2=r2, concept="golf ball"
+    mask = select_concept_mask(
+        StepSaliency([{k: torch.from_numpy(v) for k, v in s.items()} for s in steps], r1=r1, concept="golf ball"), r2
     )
     assert mask.concepts == ("golf ball",)
     assert list(mask.layers) == list(shapes)
@@ -347,21 +347,25 @@ def test_select_concept_neurons_matches_reference(seed, r1, r2):
         assert indices_of(mask.layers[key]) == sorted(ref_eq456(a, r2)), key
 
 
-def test_select_concept_neurons_ties_across_steps():
+def test_select_concept_mask_ties_across_steps():
     # identical values everywhere: A is constant, every choice is decided by the tie rule
     s = np.ones((3, 5), np.float32)
-    mask = select_concept_neurons([{"l": torch.from_numpy(s)}] * 3, r1=0.2, r2=0.4)
+    mask = select_concept_mask(StepSaliency([{"l": torch.from_numpy(s)}] * 3, r1=0.2), 0.4)
     # k = 2 per row (columns 0, 1); K = 6 (flat 0..5 = all of row 0 and row 1's column 0)
     # -> intersection: flat 0, 1, 5
     assert indices_of(mask.layers["l"]) == [0, 1, 5] == sorted(ref_eq456(ref_eq3([s] * 3, 0.2), 0.4))
 
 
-def test_select_concept_neurons_rejects_bad_input():
+def test_step_saliency_rejects_bad_input():
     with pytest.raises(ValueError):
-        select_concept_neurons([], r1=0.1, r2=0.1)
+        StepSaliency([], r1=0.1)
     with pytest.raises(ValueError):
-        select_concept_neurons([{"a": torch.ones(2, 2)}, {"b": torch.ones(2, 2)}], r1=0.1, r2=0.1)
+        StepSaliency([{"a": torch.ones(2, 2)}, {"b": torch.ones(2, 2)}], r1=0.1)
     with pytest.raises(ValueError):
-        select_concept_neurons([{"a": torch.ones(2, 2)}], r1=None, r2=0.1)
+        StepSaliency([{"a": torch.ones(2, 2)}], r1=None)
     with pytest.raises(TypeError):
-        select_concept_neurons({"a": torch.ones(2, 2)}, r1=0.1, r2=0.1)
+        StepSaliency({"a": torch.ones(2, 2)}, r1=0.1)
+    with pytest.raises(TypeError):
+        select_concept_mask([{"a": torch.ones(2, 2)}], 0.1)
+    with pytest.raises(ValueError):
+        select_concept_mask(StepSaliency([{"a": torch.ones(2, 2)}], r1=0.1), 0.0)

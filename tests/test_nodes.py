@@ -157,7 +157,7 @@ def test_identical_inputs_give_identical_masks(comfy, pack, nodes, tiny_sd15, ti
         sal, cached = pack.nodes.saliency_runner.concept_saliency(tiny_sd15, tiny_clip, "church", pairs, settings,
                                                                   use_cache=False)
         assert not cached
-        from_nodes.append(sal.select(r2=0.05))
+        from_nodes.append(pack.fia_core.select_concept_mask(sal, 0.05))
     a, b = from_nodes
     for key in a.layers:
         assert torch.equal(a.layers[key].indices, b.layers[key].indices)

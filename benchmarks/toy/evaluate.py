@@ -626,7 +626,7 @@ def explore(cfg: Config, out_dir: Path = RESULTS, prefix: str = "toy", log_fn=pr
                 pairs = fia.build_prompt_pairs(c, "objects", cfg.num_prompts, cfg.saliency_seed)
                 sal[c], _ = runner.concept_saliency(bench.model, bench.clip, c, pairs, settings)
             for r2 in EXPLORE_R2:
-                masks = [sal[c].select(r2=r2) for c in half]
+                masks = [fia.select_concept_mask(sal[c], r2) for c in half]
                 for a in (alpha, None):
                     fused = fia.fuse_masks(masks, a)
                     acc = bench.judge_model(adapter.apply_mask(bench.model, fused, 1.0), "val")["acc"]
