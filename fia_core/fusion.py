@@ -2,10 +2,15 @@
 
 s_ij counts the concepts whose mask selects connection (i, j). Connections selected by
 at least tau_ca concepts serve many concepts (concept-agnostic) and are kept; the rest
-of the selected ones are pruned. tau_ca = max(2, ceil(alpha * C)): a connection can only
-be agnostic if at least two concepts share it, so a single concept is pruned (the
-reference code's ceil(alpha * C) keeps everything when C = 1). alpha=None gives the naive
-union (prune every selected connection) for comparison.
+of the selected ones are pruned. tau_ca = max(3, ceil(alpha * C)):
+- C = 1: the reference code's ceil(alpha * C) = 1 would keep every selected connection
+  and prune nothing; here the single concept's mask is pruned whole.
+- C = 2: with only two concepts there is no evidence that a shared connection is
+  agnostic (two related or duplicate concepts would cancel out), so tau_ca = 3 > C and
+  the fused mask is the union of the two concept masks.
+- C >= 3: a connection is agnostic only if at least three concepts select it; for
+  C >= 5 at the paper's alpha (0.6, 0.8) this is the paper's ceil(alpha * C).
+alpha=None gives the naive union (prune every selected connection) for comparison.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import torch
 
 from .masks import ConceptMask, FusedMask, LayerMask, NeuronMask
 
+#: the fewest concepts that must share a connection for it to count as concept-agnostic
+MIN_AGNOSTIC = 3
+
 
 def agnostic_threshold(alpha: float | None, num_concepts: int) -> int | None:
     """tau_ca of Eq. 8, or None for the naive union."""
@@ -24,7 +32,7 @@ def agnostic_threshold(alpha: float | None, num_concepts: int) -> int | None:
         return None
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    return max(2, math.ceil(Fraction(repr(float(alpha))) * num_concepts))
+    return max(MIN_AGNOSTIC, math.ceil(Fraction(repr(float(alpha))) * num_concepts))
 
 
 def concept_masks_of(masks: Sequence[NeuronMask]) -> list[ConceptMask]:

@@ -13,7 +13,9 @@ and only statistics of q need recording (recorder.py records them from live acti
 - ``exact`` (Eq. 1 with the cosine term): q_ij = ||X_j|| |<X_j, Y_i>| / (||X_j|| ||Y_i|| + eps),
   full-size per step, folded into Eq. 3 as each step ends: ExactSaliency holds A of Eq. 3.
 
-std_b is the sample standard deviation (ddof = 1), so each side needs two prompts.
+std_b is the population standard deviation (divide by the count), as in the reference
+code; Eq. 2 still needs at least two base prompts (with one, std_b would be 0 and every
+difference from a single base prompt would count as concept evidence).
 
 The saliency types are data only; Stage 2 (Eq. 3-6) is neurons.select_concept_mask.
 """
@@ -81,8 +83,8 @@ class RunningMoments:
         self.n += m
 
     def std(self) -> torch.Tensor:
-        """Sample standard deviation (ddof = 1)."""
-        return (self.m2 / (self.n - 1)).sqrt()
+        """Population standard deviation (ddof = 0), as the reference code's sigma_b."""
+        return (self.m2 / self.n).sqrt()
 
 
 def contrast(concept: RunningMoments, base: RunningMoments) -> torch.Tensor:

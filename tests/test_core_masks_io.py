@@ -77,7 +77,7 @@ def test_concept_mask_round_trip(tmp_path):
 
 
 def test_fused_mask_round_trip(tmp_path):
-    srcs = [concept_mask(f"c{i}", i, fingerprint="fp") for i in range(3)]
+    srcs = [concept_mask(f"c{i}", i, density=0.5, fingerprint="fp") for i in range(3)]  # tau_ca = 3: all three
     fused = fuse_masks(srcs, alpha=0.6)
     assert any(a.numel() for a in fused.agnostic.values()), "test data should have agnostic entries"
     p = tmp_path / "fused.safetensors"

@@ -1,0 +1,1 @@
+"""Development tooling of the pack (not shipped to the registry)."""
