@@ -146,7 +146,7 @@ def test_fusion_errors():
     a = concept_mask("a", random_dense(rng, 0.5))
     with pytest.raises(ValueError):
         fuse_masks([])
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="same concept"):
         fuse_masks([a, concept_mask("a", random_dense(rng, 0.5))])
     other = {"x.ff.net.2": rng.random((4, 6)) < 0.5}
     with pytest.raises(ValueError, match="different layers"):
@@ -163,3 +163,45 @@ def test_fingerprint_kept_only_when_all_agree():
     assert fuse_masks([a, b]).fingerprint == "f1"
     assert fuse_masks([a, c]).fingerprint == ""
     assert fuse_masks([a, b]).architecture == "arch"
+
+
+@pytest.mark.parametrize("first,second", [("golf ball", "golf  ball"), ("cross", "Cross"),
+                                          ("cross", "cross\u200b"), ("ｇｏｌｆ", "GOLF")])
+def test_duplicate_concepts_are_refused_naming_both(first, second):
+    """The same concept from two saliency nodes (other spacing, case or invisible
+    characters) is refused instead of fusing to nothing."""
+    rng = np.random.default_rng(6)
+    masks = [concept_mask(first, random_dense(rng, 0.3)), concept_mask("other", random_dense(rng, 0.3)),
+             concept_mask(second, random_dense(rng, 0.3))]
+    with pytest.raises(ValueError) as e:
+        fuse_masks(masks, alpha=0.6)
+    assert f"'{first}' and '{second}' are the same concept" in str(e.value)
+    # also when one of them comes inside a fused mask
+    with pytest.raises(ValueError, match="same concept"):
+        fuse_masks([fuse_masks(masks[:2]), masks[2]])
+
+
+def test_unnamed_masks_fuse_with_distinct_names():
+    rng = np.random.default_rng(7)
+    dense = [random_dense(rng, 0.4) for _ in range(3)]
+    unnamed = [concept_mask("", dense[0]), concept_mask("  ", dense[1])]
+    fused = fuse_masks(unnamed, alpha=0.6)
+    assert fused.concepts == ("unnamed concept 1", "unnamed concept 2")
+    assert [s.concepts for s in fused.sources] == [("unnamed concept 1",), ("unnamed concept 2",)]
+    for key in SHAPES:  # C = 2: the union
+        assert fused.layers[key].indices.tolist() == np.flatnonzero(dense[0][key] | dense[1][key]).tolist()
+    # re-fused with another unnamed mask: the new one takes the next free name
+    again = fuse_masks([concept_mask("", dense[2]), fused])
+    assert again.concepts == ("unnamed concept 3", "unnamed concept 1", "unnamed concept 2")
+    assert fuse_masks([concept_mask("unnamed concept 1", dense[0]), concept_mask("", dense[1])]).concepts == \
+        ("unnamed concept 1", "unnamed concept 2")
+
+
+def test_fused_mask_keeps_its_sources_fingerprints():
+    rng = np.random.default_rng(8)
+    a = concept_mask("a", random_dense(rng, 0.5), fingerprint="f1")
+    c = concept_mask("c", random_dense(rng, 0.5), fingerprint="f2")
+    fused = fuse_masks([a, c])
+    assert fused.fingerprint == ""
+    assert [s.fingerprint for s in fused.sources] == ["f1", "f2"]
+    assert [s.fingerprint for s in fuse_masks([fused]).sources] == ["f1", "f2"]

@@ -385,3 +385,21 @@ def test_fast_saliency_size_is_t_by_c_in_whatever_c_out():
         assert {k: tuple(v.shape) for k, v in cs.columns.items()} == {KEYS[0]: (2, 40), KEYS[1]: (2, 12)}
         sizes.append(cs.nbytes())
     assert sizes == [2 * (40 + 12) * 4] * 2
+
+
+def test_mask_params_record_the_r1_actually_used():
+    """select_concept_mask(r1=0.5) records 0.5, also when the saliency's settings (as the
+    nodes pass them) name the recording's r1."""
+    net = Net(dims=((12, 4), (8, 6)))
+    layers = find_target_layers(net)
+    rec = SaliencyRecorder(layers, 2, weight_abs={l.key: l.module.weight.detach().abs() for l in layers}, r1=0.05)
+    data = make_data(net, steps=2, seed=15)
+    with rec, torch.no_grad():
+        for t in range(2):
+            for rows in SCHEDULE:
+                feed(net, rec, data, rows, t)
+    cs = rec.result("c", settings={"r1": 0.05, "r2": 0.01, "model_type": "SD15"})
+    assert select_concept_mask(cs, 0.02).params["r1"] == 0.05
+    mask = select_concept_mask(cs, 0.02, r1=0.5)
+    assert mask.params["r1"] == 0.5 and mask.params["r2"] == 0.02
+    assert mask.params["mode"] == "fast" and mask.params["saliency_steps"] == 2 and mask.params["model_type"] == "SD15"
