@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fia_core import SensitivityIntegrator, StepSaliency, select_concept_mask, select_from_sensitivity, top_fraction_count
+from fia_core import StepSaliency, select_concept_mask, top_fraction_count
+from fia_core.neurons import select_from_sensitivity
+from fia_core.sensitivity import SensitivityIntegrator
 from fia_core.saliency import column_norm_statistic, energy_statistic
 from devkit import oracles as O
 

@@ -22,10 +22,11 @@ from benchmarks.reference_fia import (
     straightforward_top_k_flat,
     straightforward_top_k_rows,
 )
-from fia_core import FastSaliency, SensitivityIntegrator, StepSaliency, select_concept_mask, select_from_sensitivity
+from fia_core import FastSaliency, StepSaliency, select_concept_mask
 from fia_core.counting import kth_largest, top_fraction_count, top_k_flat, top_k_rows
-from fia_core.neurons import fast_layer_indices
+from fia_core.neurons import fast_layer_indices, select_from_sensitivity
 from fia_core.rank_one import ColumnOrder, SharedAbsWeights, select_rank_one
+from fia_core.sensitivity import SensitivityIntegrator
 
 
 # --------------------------------------------------------------------------- random inputs
