@@ -112,7 +112,7 @@ def reference_columns(comfy, model, clip, pairs, steps, saliency_steps, cfg, see
                 return np.sqrt((xn ** 2).sum(0))
             qc = np.stack([q(r) for r in per_prompt["concept"]])
             qb = np.stack([q(r) for r in per_prompt["base"]])
-            cols.append(np.maximum(0, qc.mean(0) - qb.mean(0) - qb.std(0, ddof=1)))
+            cols.append(np.maximum(0, qc.mean(0) - qb.mean(0) - qb.std(0, ddof=0)))
         out[key] = np.stack(cols)
     return out
 
@@ -313,15 +313,15 @@ def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, nodes, tiny_sd15
     masks = [mask_of(nodes, tiny_sd15, tiny_clip, c, r2=0.08) for c in ("golf ball", "parachute", "church")]
     fused = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[1], mask_3=masks[2]))[0]
     assert fused.concepts == ("golf ball", "parachute", "church")
-    # tau_ca = max(2, ceil(0.6 * 3)) = 2: a connection picked by >= 2 concepts is kept
+    # tau_ca = max(3, ceil(0.6 * 3)) = 3: a connection picked by all 3 concepts is kept
     for key in fused.layers:
         votes = sum(m.layers[key].dense().int() for m in masks)
-        assert torch.equal(fused.layers[key].dense(), (votes == 1))
-        assert torch.equal(fused.agnostic[key].sort().values, (votes >= 2).flatten().nonzero().squeeze(1))
+        assert torch.equal(fused.layers[key].dense(), (votes >= 1) & (votes < 3))
+        assert torch.equal(fused.agnostic[key].sort().values, (votes >= 3).flatten().nonzero().squeeze(1))
     assert fused.stats()["agnostic_kept"] > 0
     union = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, fusion="union", mask_2=masks[1], mask_3=masks[2]))[0]
     assert union.stats()["agnostic_kept"] == 0
-    with pytest.raises(ValueError, match="FIAFuseMasks.*twice"):
+    with pytest.raises(ValueError, match="FIAFuseMasks.*same concept"):
         nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[0])
 
 
