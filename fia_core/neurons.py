@@ -23,7 +23,8 @@ import torch
 
 from .counting import top_fraction_count, top_k_flat, top_k_rows
 from .masks import ConceptMask, LayerMask
-from .rank_one import column_order_of, select_rank_one
+from .column_order import column_order_of
+from .rank_one import select_rank_one
 from .saliency import ConceptSaliency, ExactSaliency, FastSaliency, StepSaliency
 from .sensitivity import SensitivityIntegrator, check_r1
 

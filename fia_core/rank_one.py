@@ -33,11 +33,10 @@ fork/join per op can cost more than the op. The process's thread setting is left
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import torch
 
-from .column_order import ColumnOrder, SharedAbsWeights, column_order_of  # noqa: F401 (re-exported)
+from .column_order import ColumnOrder, SharedAbsWeights, column_order_of  # noqa: F401 (re-exported for callers)
 from .counting import top_fraction_count
 
 _F32_INF_BITS = 0x7F800000

@@ -161,17 +161,20 @@ def test_both_paths_forced_are_bit_identical(case):
 
 
 def test_auto_path_follows_the_device_of_w(monkeypatch):
-    """|W| on the CPU takes the rank-one path; the dense path is never asked for there."""
+    """|W| on the CPU takes the rank-one path: the dense integration is never run there."""
     import fia_core.neurons as N
 
     w, cols = make_layer(3, 30, 40, 4)
     calls = []
-    monkeypatch.setattr(N, "integrate_steps", lambda *a, **k: calls.append(1) or N.SensitivityIntegrator)
-    fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="auto")
+    dense = N.integrate_steps
+    monkeypatch.setattr(N, "integrate_steps", lambda *a, **k: calls.append(1) or dense(*a, **k))
+    auto = fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="auto")
     assert calls == []
-    with pytest.raises(Exception):
-        fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="dense")  # the dense path was taken
+    forced = fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="dense")
     assert calls == [1]
+    assert auto.tolist() == forced.tolist() == straightforward_fast_mode(w, cols, 0.05, 0.05).tolist()
+    with pytest.raises(ValueError, match="unknown path"):
+        fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="gpu")
 
 
 def test_mask_building_leaves_torch_threads_alone(monkeypatch):
