@@ -195,7 +195,7 @@ def test_apply_is_non_destructive_and_patches_exactly_the_mask(comfy, nodes, tin
     before = H.sample(tiny_sd15, pos, neg, seed=1)
     original = loaded_ffn2_weights(tiny_sd15)
     mask = mask_of(nodes, tiny_sd15, tiny_clip)
-    patched = nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0)[0]
+    patched = result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0))[0]
     erased = H.sample(patched, pos, neg, seed=1)
     got = loaded_ffn2_weights(patched)
     dense = mask.dense()
@@ -212,10 +212,10 @@ def test_strength_zero_equals_original_and_half_scales(comfy, nodes, tiny_sd15, 
     pos, neg = H.encode(tiny_clip, "a parachute"), H.encode(tiny_clip, "")
     mask = mask_of(nodes, tiny_sd15, tiny_clip, "parachute")
     base = H.sample(tiny_sd15, pos, neg, seed=2)
-    zero = H.sample(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.0)[0], pos, neg, seed=2)
+    zero = H.sample(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.0))[0], pos, neg, seed=2)
     assert torch.equal(base, zero)
     original = loaded_ffn2_weights(tiny_sd15)
-    half = loaded_ffn2_weights(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.5)[0])
+    half = loaded_ffn2_weights(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.5))[0])
     for sd_key, w in original.items():
         m = mask.dense()[sd_key[len("diffusion_model."):-len(".weight")]]
         torch.testing.assert_close(half[sd_key], torch.where(m, w * 0.5, w))
@@ -235,9 +235,9 @@ def test_lora_style_patches_still_apply(comfy, nodes, tiny_sd15, tiny_clip, orde
         return m
 
     if order == "lora_then_fia":
-        model = nodes["FIAApplyMask"].apply(add_lora(tiny_sd15), mask, 1.0)[0]
+        model = result(nodes["FIAApplyMask"].apply(add_lora(tiny_sd15), mask, 1.0))[0]
     else:
-        model = add_lora(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0)[0])
+        model = add_lora(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0))[0])
     got = loaded_ffn2_weights(model)
     for sd_key, w in original.items():
         m = mask.dense()[sd_key[len("diffusion_model."):-len(".weight")]]
@@ -261,7 +261,7 @@ def test_mask_from_other_checkpoint_applies_with_warning(comfy, nodes, tiny_sd15
     mask = mask_of(nodes, tiny_sd15, tiny_clip, "golf ball")
     other = H.tiny_sd15_model(seed=1)
     with caplog.at_level(logging.WARNING):
-        patched = nodes["FIAApplyMask"].apply(other, mask, 1.0)[0]
+        patched = result(nodes["FIAApplyMask"].apply(other, mask, 1.0))[0]
     assert "another" in caplog.text and "checkpoint" in caplog.text
     assert len(patched.patches) == sum(1 for m in mask.layers.values() if m.count)
     caplog.clear()
@@ -275,7 +275,7 @@ def test_sdxl_end_to_end(comfy, nodes, tiny_sdxl, tiny_sdxl_clip):
     m2 = mask_of(nodes, tiny_sdxl, tiny_sdxl_clip, "parachute")
     fused = result(nodes["FIAFuseMasks"].fuse(m1, 0.6, mask_2=m2))[0]
     assert len(fused.layers) == H.TINY_SDXL_FFN2_COUNT
-    patched = nodes["FIAApplyMask"].apply(tiny_sdxl, fused, 1.0)[0]
+    patched = result(nodes["FIAApplyMask"].apply(tiny_sdxl, fused, 1.0))[0]
     pos, neg = H.encode(tiny_sdxl_clip, "a golf ball"), H.encode(tiny_sdxl_clip, "")
     assert not torch.equal(H.sample(tiny_sdxl, pos, neg), H.sample(patched, pos, neg))
 
