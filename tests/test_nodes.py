@@ -6,6 +6,7 @@ are compared with weights built by hand from the original, the LoRA diff and the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -309,20 +310,36 @@ def test_interruption_mid_saliency_leaves_no_hooks_and_no_patches(comfy, pack, t
 
 # -- fusion, forget-in-one, io, info --------------------------------------------------------
 
-def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, nodes, tiny_sd15, tiny_clip):
+@contextlib.contextmanager
+def wave2_fusion_rule(pack):
+    """INTERIM (drop at merge): the block checks the fusion rule tau_ca = max(3, ceil(alpha C))
+    that the wave-2 fia_core delivers; with the older fia_core it must fail (xfail)."""
+    if pack.fia_core.agnostic_threshold(0.6, 3) == 3:
+        yield
+        return
+    try:
+        yield
+    except AssertionError as e:
+        pytest.xfail(f"needs the wave-2 fia_core fusion rule: {str(e)[:200]}")
+    pytest.fail("passes with the old fusion rule: this check could not fail")
+
+
+def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, pack, nodes, tiny_sd15, tiny_clip):
     masks = [mask_of(nodes, tiny_sd15, tiny_clip, c, r2=0.08) for c in ("golf ball", "parachute", "church")]
     fused = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[1], mask_3=masks[2]))[0]
     assert fused.concepts == ("golf ball", "parachute", "church")
-    # tau_ca = max(2, ceil(0.6 * 3)) = 2: a connection picked by >= 2 concepts is kept
-    for key in fused.layers:
-        votes = sum(m.layers[key].dense().int() for m in masks)
-        assert torch.equal(fused.layers[key].dense(), (votes == 1))
-        assert torch.equal(fused.agnostic[key].sort().values, (votes >= 2).flatten().nonzero().squeeze(1))
-    assert fused.stats()["agnostic_kept"] > 0
     union = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, fusion="union", mask_2=masks[1], mask_3=masks[2]))[0]
     assert union.stats()["agnostic_kept"] == 0
     with pytest.raises(ValueError, match="FIAFuseMasks.*twice"):
         nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[0])
+    # tau_ca = max(3, ceil(0.6 * 3)) = 3 (issue 10 item 4; was max(2, ...) = 2): a connection
+    # picked by all three concepts is kept, one picked by one or two is pruned
+    with wave2_fusion_rule(pack):
+        for key in fused.layers:
+            votes = sum(m.layers[key].dense().int() for m in masks)
+            assert torch.equal(fused.layers[key].dense(), (votes >= 1) & (votes < 3))
+            assert torch.equal(fused.agnostic[key].sort().values, (votes >= 3).flatten().nonzero().squeeze(1))
+        assert fused.stats()["agnostic_kept"] > 0
 
 
 def test_forget_concepts_matches_the_granular_pipeline(comfy, nodes, tiny_sd15, tiny_clip):
