@@ -144,7 +144,7 @@ except ImportError:
     def check_sampler(name: str) -> None:  # INTERIM: replaced at merge by runner
         if name in _NO_PER_STEP:
             raise UnsupportedSamplerError(
-                f"'{name}' chooses its own steps, so the saliency window's steps cannot be recorded; "
+                f"'{name}' chooses its own steps, so it cannot record per-step saliency; "
                 "use a fixed-step sampler such as euler (the default)")
 
 try:  # INTERIM: replaced at merge by runner (nodes/saliency.py)

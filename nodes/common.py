@@ -172,7 +172,7 @@ def sampler_problem(name: str) -> str | None:
     try:
         check_sampler(name)
     except ValueError as e:
-        return f"{name!r} cannot record per-step saliency: {e}"
+        return str(e) if name in str(e) else f"{name!r} cannot record per-step saliency: {e}"
     return None
 
 
