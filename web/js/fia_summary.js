@@ -10,12 +10,14 @@ import { chainCallback, fitNode, isFIANode, textPanel } from "./common/fia_widge
 const WIDGET = "fia_summary";
 const LINE_HEIGHT = 15;
 const WARNING_COLOUR = "#ffcf66";
+const CHAR_WIDTH = 6.6; // px of one 11px monospace character: how many fit on a line
 
 const fmtInt = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : String(n ?? "?"));
 
 function fmtPercent(f) {
   if (typeof f !== "number") return "?";
   const p = 100 * f;
+  if (p === 0) return "0 %";
   return `${p >= 1 ? p.toFixed(2) : p >= 0.01 ? p.toFixed(3) : p.toExponential(1)} %`;
 }
 
@@ -74,6 +76,8 @@ export function showSummary(node, message) {
   }
   for (const line of reportLines) rows.push({ line });
   const el = summaryWidget(node).element;
+  // warnings wrap (they are sentences); the other lines keep their layout
+  const perLine = Math.max(24, Math.floor(((node.size?.[0] ?? 300) - 40) / CHAR_WIDTH));
   el.replaceChildren();
   rows.forEach(({ line, warning }, i) => {
     if (i) el.append("\n");
@@ -82,11 +86,12 @@ export function showSummary(node, message) {
     if (warning) {
       span.className = "fia-summary-warning";
       span.style.color = WARNING_COLOUR;
+      span.style.whiteSpace = "pre-wrap";
     }
     el.append(span);
   });
   el.title = el.textContent;
-  el.__fiaLines = rows.length;
+  el.__fiaLines = rows.reduce((n, r) => n + (r.warning ? Math.ceil(r.line.length / perLine) : 1), 0);
   el.classList.toggle("fia-has-warnings", rows.some((r) => r.warning));
   el.style.borderLeftColor = rows.some((r) => r.warning) ? WARNING_COLOUR : "#4fb3b3";
   fitNode(node);
