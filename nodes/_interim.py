@@ -39,12 +39,15 @@ else:
         text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
         return " ".join(text.split())
 
-    _QUOTED = re.compile(r'^"(?P<name>[^"]*)"\s*(?::\s*(?P<value>.*?))?$')
-    _SUFFIX = re.compile(r"^(?P<name>.+?)\s*:\s*(?P<value>[^\s:]+)$")
+    _NUMBER = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
+    _QUOTED = re.compile(r'"(?P<name>[^"]*)"\s*(?::\s*(?P<value>.*))?')
 
     def parse_concept_list(text: str, default_r2: float) -> list:  # INTERIM: replaced at merge by fia_core
+        """Same rules as the wave-2 fia_core: an unquoted line's text after its last ':' must
+        be an r2 in (0, 0.5]; a concept containing ':' is quoted; duplicates (normalised,
+        case-folded) are refused naming both; an empty list gives []."""
         out: list[ConceptEntry] = []
-        seen: dict[str, tuple[int, str]] = {}
+        seen: dict[str, ConceptEntry] = {}
         for number, raw in enumerate((text or "").splitlines(), 1):
             line = normalize_concept(raw)
             if not line:
@@ -53,31 +56,35 @@ else:
             def fail(why: str):
                 return ConceptListError(f"line {number} ('{line}'): {why}")
 
+            def r2_of(value: str) -> float:
+                value = value.strip()
+                if _NUMBER.fullmatch(value) is None or not 0.0 < float(value) <= 0.5:
+                    raise fail(f"r2 must be in (0, 0.5], got '{value}'; to use ':' inside a concept, write the "
+                               'concept in double quotes, e.g. "Area: 51" or "Area: 51": 0.02')
+                return float(value)
+
             if line.startswith('"'):
-                m = _QUOTED.match(line)
+                m = _QUOTED.fullmatch(line)
                 if m is None:
-                    raise fail('write a quoted concept as "name" or "name": r2, e.g. "Area: 51" or "Area: 51": 0.02')
-                name, value = normalize_concept(m["name"]), m["value"]
+                    raise fail('a quoted concept needs its closing \'"\', optionally followed by ": r2", '
+                               'e.g. "Area: 51": 0.02')
+                name, r2 = m["name"], default_r2 if m["value"] is None else r2_of(m["value"])
+            elif '"' in line:
+                raise fail('quotes go around the whole concept, e.g. "Area: 51": 0.02')
+            elif ":" in line:
+                name, _, value = line.rpartition(":")
+                r2 = r2_of(value)
             else:
-                m = _SUFFIX.match(line)
-                name, value = (m["name"], m["value"]) if m else (line, None)
-            if value is None:
-                r2 = default_r2
-            else:
-                try:
-                    r2 = float(value)
-                except ValueError:
-                    r2 = float("nan")
-                if not 0.0 < r2 <= 0.5:  # NaN fails too
-                    raise fail(f"r2 must be in (0, 0.5], got {value!r}; a concept that itself ends in "
-                               f"': <number>' is written in double quotes, e.g. \"Area: 51\"")
+                name, r2 = line, default_r2
+            name = normalize_concept(name)
             if not name:
-                raise fail("the concept name is empty")
-            key = name.casefold()
-            if key in seen:
-                raise fail(f"'{name}' is listed twice (line {seen[key][0]}: '{seen[key][1]}')")
-            seen[key] = (number, name)
-            out.append(ConceptEntry(name, r2, number))
+                raise fail("no concept name (type the concept before ':')")
+            first = seen.get(name.casefold())
+            if first is not None:
+                raise fail(f"'{name}' is the same concept as '{first.name}' on line {first.line} (names are "
+                           "compared ignoring case, spacing and invisible characters): list each concept once")
+            seen[name.casefold()] = ConceptEntry(name, r2, number)
+            out.append(seen[name.casefold()])
         return out
 
 if hasattr(_core, "mask_warnings"):  # INTERIM: replaced at merge by fia_core

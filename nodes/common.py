@@ -172,7 +172,8 @@ def sampler_problem(name: str) -> str | None:
     try:
         check_sampler(name)
     except ValueError as e:
-        return str(e) if name in str(e) else f"{name!r} cannot record per-step saliency: {e}"
+        why = getattr(e, "expected", None) or str(e)  # the runner's errors name the input themselves
+        return why if name in why else f"{name!r} cannot record per-step saliency: {why}"
     return None
 
 
@@ -225,12 +226,21 @@ def make_pairs(node: str, concept: str, template: str, num_prompts: int, seed: i
 def settings_from(node: str, kwargs: dict, r1: float) -> SaliencySettings:
     if kwargs["saliency_steps"] > kwargs["steps"]:
         raise FIAInputError(node, "saliency_steps", f"({kwargs['saliency_steps']}) must not exceed steps ({kwargs['steps']})")
-    return SaliencySettings(
+    settings = SaliencySettings(
         steps=kwargs["steps"], saliency_steps=kwargs["saliency_steps"], cfg=kwargs["cfg"],
         sampler_name=kwargs["sampler_name"], scheduler=kwargs["scheduler"], seed=kwargs["seed"],
         width=kwargs["width"], height=kwargs["height"], mode=kwargs["mode"], batch_size=kwargs["batch_size"],
         r1=r1,
     )
+    validate = getattr(settings, "validate", None)  # the runner's own checks (resolution caps, ...)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            if getattr(e, "input_name", None):
+                raise FIAInputError(node, e.input_name, getattr(e, "expected", str(e))) from None
+            raise FIAError(f"{node}: {e}") from None
+    return settings
 
 
 _FILE_SUFFIX = "_00000_.safetensors"  # what FIASaveMask appends to the prefix

@@ -330,8 +330,6 @@ def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, pack, nodes, tin
     assert fused.concepts == ("golf ball", "parachute", "church")
     union = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, fusion="union", mask_2=masks[1], mask_3=masks[2]))[0]
     assert union.stats()["agnostic_kept"] == 0
-    with pytest.raises(ValueError, match="FIAFuseMasks.*twice"):
-        nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[0])
     # tau_ca = max(3, ceil(0.6 * 3)) = 3 (issue 10 item 4; was max(2, ...) = 2): a connection
     # picked by all three concepts is kept, one picked by one or two is pruned
     with wave2_fusion_rule(pack):
@@ -340,6 +338,8 @@ def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, pack, nodes, tin
             assert torch.equal(fused.layers[key].dense(), (votes >= 1) & (votes < 3))
             assert torch.equal(fused.agnostic[key].sort().values, (votes >= 3).flatten().nonzero().squeeze(1))
         assert fused.stats()["agnostic_kept"] > 0
+        with pytest.raises(ValueError, match="FIAFuseMasks.*same concept"):  # was "twice" (issue 11)
+            nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[0])
 
 
 def test_forget_concepts_matches_the_granular_pipeline(comfy, nodes, tiny_sd15, tiny_clip):
@@ -364,7 +364,7 @@ def test_forget_concepts_matches_the_granular_pipeline(comfy, nodes, tiny_sd15, 
 
 @pytest.mark.parametrize("text, fragment", [
     ("", "'concepts' is empty"),
-    ("golf ball\nGolf Ball", "listed twice"),
+    ("golf ball\nGolf Ball", "same concept"),  # was "listed twice" (issue 11: fia_core's message names both)
     ("golf ball: 0.9", "r2 must be"),
 ])
 def test_forget_concepts_bad_lists(comfy, nodes, tiny_sd15, tiny_clip, text, fragment):

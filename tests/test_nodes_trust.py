@@ -92,7 +92,8 @@ def needs_core(pack, feature: str):
 
 # -- concept text (issue 11 item 2) ---------------------------------------------------------
 
-@pytest.mark.parametrize("line", ["cross: abc", "cross: -1", "cross: nan", "cross: 0,2", "cross: 0.9"])
+@pytest.mark.parametrize("line", ["cross: abc", "cross: -1", "cross: nan", "cross: 0,2", "cross: 0.9",
+                                  "Star Wars: Episode IV", 'a "quoted" word'])
 def test_bad_r2_suffix_is_refused_naming_the_line(comfy, nodes, tiny_sd15, tiny_clip, line):
     with pytest.raises(ValueError) as e:
         forget(nodes, tiny_sd15, tiny_clip, f"golf ball\n{line}")
@@ -288,7 +289,7 @@ def test_apply_to_another_checkpoint_warns_on_the_node(comfy, nodes, tiny_sd15, 
     assert not [w for w in _warnings(same) if "checkpoint" in w]
 
 
-def test_mask_that_prunes_nothing_says_so(comfy, nodes, tiny_sd15, tiny_clip, caplog):
+def test_mask_that_prunes_nothing_says_so(comfy, pack, nodes, tiny_sd15, tiny_clip, caplog):
     sal = saliency_of(nodes, tiny_sd15, tiny_clip, "golf ball")
     zero = dataclasses.replace(sal, columns={k: torch.zeros_like(v) for k, v in sal.columns.items()})
     with caplog.at_level(logging.WARNING):
@@ -297,7 +298,10 @@ def test_mask_that_prunes_nothing_says_so(comfy, nodes, tiny_sd15, tiny_clip, ca
     warnings = _warnings(out)
     assert warnings and all(w in _logged(caplog) for w in warnings)
     ok = nodes["FIABuildConceptMask"].build(sal, 0.05)
-    assert result(ok)[0].stats()["total_pruned"] > 0 and _warnings(ok) == []
+    assert result(ok)[0].stats()["total_pruned"] > 0
+    # INTERIM: after the merge pack.fia_core.mask_warnings always exists
+    mask_warnings = getattr(pack.fia_core, "mask_warnings", None) or pack.nodes._interim.mask_warnings
+    assert _warnings(ok) == mask_warnings(result(ok)[0])  # what fia_core says about it, nothing else
     # a fused mask that prunes nothing: three copies of one mask, all kept as concept-agnostic
     mask = result(ok)[0]
     copies = [dataclasses.replace(mask, concepts=(c,)) for c in ("golf ball", "tennis ball", "ping-pong ball")]
@@ -311,7 +315,7 @@ def test_fuse_identical_masks_and_other_checkpoints_warn(comfy, nodes, tiny_sd15
     a = mask_of(nodes, tiny_sd15, tiny_clip, "golf ball")
     b = mask_of(nodes, tiny_sd15, tiny_clip, "parachute")
     clean = nodes["FIAFuseMasks"].fuse(a, 0.6, mask_2=b)
-    assert _warnings(clean) == []
+    assert not [w for w in _warnings(clean) if "identical" in w or "checkpoint" in w]
     twin = dataclasses.replace(a, concepts=("tennis ball",))
     with caplog.at_level(logging.WARNING):
         out = nodes["FIAFuseMasks"].fuse(a, 0.6, mask_2=b, mask_3=twin)

@@ -11,35 +11,37 @@ const ROUTE = "/fia/check_concepts";
 const WIDGET = "fia_warnings";
 const LINE_HEIGHT = 15;
 const DEBOUNCE_MS = 250;
-// Same syntax as fia_core.parse_concept_list: "concept", "concept: r2", and a concept that
-// itself ends in ": <number>" in double quotes ("Area: 51" or "Area: 51": 0.02).
-const QUOTED = /^"([^"]*)"\s*(?::\s*(.*?))?$/;
-const R2_SUFFIX = /^(.+?)\s*:\s*([^\s:]+)$/;
-const NUMBER = /^\+?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+// Same syntax as fia_core.parse_concept_list: "concept", "concept: r2" (the text after an
+// unquoted line's last ':' must be an r2), and a concept that contains ':' in double quotes
+// ("Area: 51" or "Area: 51": 0.02).
+const QUOTED = /^"([^"]*)"\s*(?::\s*(.*))?$/;
+const NUMBER = /^[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?$/;
 
 /** A concept as the nodes use it: NFKC, invisible format characters dropped, whitespace collapsed. */
 export const normaliseConcept = (text) =>
   String(text ?? "").normalize("NFKC").replace(/\p{Cf}/gu, "").replace(/\s+/g, " ").trim();
 
-/** {concept, problem} of one non-empty concept line; problem is null when the node accepts it. */
+/** {concept, problem} of one non-empty normalised concept line; problem is null when the node accepts it. */
 export function parseConceptLine(line) {
   let concept = line;
   let value = null;
   if (line.startsWith('"')) {
     const m = QUOTED.exec(line);
-    if (!m) return { concept: line, problem: 'write a quoted concept as "name" or "name": r2' };
+    if (!m) return { concept: "", problem: 'a quoted concept needs its closing \'"\' (e.g. "Area: 51": 0.02)' };
     concept = normaliseConcept(m[1]);
     value = m[2] ?? null;
-  } else {
-    const m = R2_SUFFIX.exec(line);
-    if (m) [concept, value] = [m[1].trim(), m[2]];
+  } else if (line.includes('"')) {
+    return { concept: "", problem: 'quotes go around the whole concept, e.g. "Area: 51": 0.02' };
+  } else if (line.includes(":")) {
+    const at = line.lastIndexOf(":");
+    [concept, value] = [normaliseConcept(line.slice(0, at)), line.slice(at + 1).trim()];
   }
   if (value !== null) {
     const r2 = NUMBER.test(value) ? Number(value) : NaN;
     if (!(r2 > 0 && r2 <= 0.5))
-      return { concept, problem: `': ${value}' is not an r2 in (0, 0.5]; a concept that ends in ': <number>' goes in double quotes ("Area: 51")` };
+      return { concept, problem: `r2 '${value}' is not in (0, 0.5]; to use ':' inside a concept, write it in double quotes ("Area: 51")` };
   }
-  if (!concept) return { concept, problem: "the concept name is empty" };
+  if (!concept) return { concept, problem: "no concept name before ':'" };
   return { concept, problem: null };
 }
 
