@@ -6,6 +6,7 @@ are compared with weights built by hand from the original, the LoRA diff and the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_apply_is_non_destructive_and_patches_exactly_the_mask(comfy, nodes, tin
     before = H.sample(tiny_sd15, pos, neg, seed=1)
     original = loaded_ffn2_weights(tiny_sd15)
     mask = mask_of(nodes, tiny_sd15, tiny_clip)
-    patched = nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0)[0]
+    patched = result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0))[0]
     erased = H.sample(patched, pos, neg, seed=1)
     got = loaded_ffn2_weights(patched)
     dense = mask.dense()
@@ -212,10 +213,10 @@ def test_strength_zero_equals_original_and_half_scales(comfy, nodes, tiny_sd15, 
     pos, neg = H.encode(tiny_clip, "a parachute"), H.encode(tiny_clip, "")
     mask = mask_of(nodes, tiny_sd15, tiny_clip, "parachute")
     base = H.sample(tiny_sd15, pos, neg, seed=2)
-    zero = H.sample(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.0)[0], pos, neg, seed=2)
+    zero = H.sample(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.0))[0], pos, neg, seed=2)
     assert torch.equal(base, zero)
     original = loaded_ffn2_weights(tiny_sd15)
-    half = loaded_ffn2_weights(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.5)[0])
+    half = loaded_ffn2_weights(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 0.5))[0])
     for sd_key, w in original.items():
         m = mask.dense()[sd_key[len("diffusion_model."):-len(".weight")]]
         torch.testing.assert_close(half[sd_key], torch.where(m, w * 0.5, w))
@@ -235,9 +236,9 @@ def test_lora_style_patches_still_apply(comfy, nodes, tiny_sd15, tiny_clip, orde
         return m
 
     if order == "lora_then_fia":
-        model = nodes["FIAApplyMask"].apply(add_lora(tiny_sd15), mask, 1.0)[0]
+        model = result(nodes["FIAApplyMask"].apply(add_lora(tiny_sd15), mask, 1.0))[0]
     else:
-        model = add_lora(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0)[0])
+        model = add_lora(result(nodes["FIAApplyMask"].apply(tiny_sd15, mask, 1.0))[0])
     got = loaded_ffn2_weights(model)
     for sd_key, w in original.items():
         m = mask.dense()[sd_key[len("diffusion_model."):-len(".weight")]]
@@ -261,7 +262,7 @@ def test_mask_from_other_checkpoint_applies_with_warning(comfy, nodes, tiny_sd15
     mask = mask_of(nodes, tiny_sd15, tiny_clip, "golf ball")
     other = H.tiny_sd15_model(seed=1)
     with caplog.at_level(logging.WARNING):
-        patched = nodes["FIAApplyMask"].apply(other, mask, 1.0)[0]
+        patched = result(nodes["FIAApplyMask"].apply(other, mask, 1.0))[0]
     assert "another" in caplog.text and "checkpoint" in caplog.text
     assert len(patched.patches) == sum(1 for m in mask.layers.values() if m.count)
     caplog.clear()
@@ -275,7 +276,7 @@ def test_sdxl_end_to_end(comfy, nodes, tiny_sdxl, tiny_sdxl_clip):
     m2 = mask_of(nodes, tiny_sdxl, tiny_sdxl_clip, "parachute")
     fused = result(nodes["FIAFuseMasks"].fuse(m1, 0.6, mask_2=m2))[0]
     assert len(fused.layers) == H.TINY_SDXL_FFN2_COUNT
-    patched = nodes["FIAApplyMask"].apply(tiny_sdxl, fused, 1.0)[0]
+    patched = result(nodes["FIAApplyMask"].apply(tiny_sdxl, fused, 1.0))[0]
     pos, neg = H.encode(tiny_sdxl_clip, "a golf ball"), H.encode(tiny_sdxl_clip, "")
     assert not torch.equal(H.sample(tiny_sdxl, pos, neg), H.sample(patched, pos, neg))
 
@@ -309,7 +310,7 @@ def test_interruption_mid_saliency_leaves_no_hooks_and_no_patches(comfy, pack, t
 
 # -- fusion, forget-in-one, io, info --------------------------------------------------------
 
-def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, nodes, tiny_sd15, tiny_clip):
+def test_fuse_accepts_dynamic_inputs_and_counts_agnostic(comfy, pack, nodes, tiny_sd15, tiny_clip):
     masks = [mask_of(nodes, tiny_sd15, tiny_clip, c, r2=0.08) for c in ("golf ball", "parachute", "church")]
     fused = result(nodes["FIAFuseMasks"].fuse(masks[0], 0.6, mask_2=masks[1], mask_3=masks[2]))[0]
     assert fused.concepts == ("golf ball", "parachute", "church")
@@ -347,7 +348,7 @@ def test_forget_concepts_matches_the_granular_pipeline(comfy, nodes, tiny_sd15, 
 
 @pytest.mark.parametrize("text, fragment", [
     ("", "'concepts' is empty"),
-    ("golf ball\nGolf Ball", "listed twice"),
+    ("golf ball\nGolf Ball", "same concept"),  # was "listed twice" (issue 11: fia_core's message names both)
     ("golf ball: 0.9", "r2 must be"),
 ])
 def test_forget_concepts_bad_lists(comfy, nodes, tiny_sd15, tiny_clip, text, fragment):

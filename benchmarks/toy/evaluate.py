@@ -211,7 +211,7 @@ class Bench:
                                params={"random_like": list(mask.concepts), "seed": seed})
 
     def apply(self, mask):
-        return self.n_apply.apply(self.model, mask, 1.0)[0]
+        return self.n_apply.apply(self.model, mask, 1.0)["result"][0]
 
     def fraction_mask(self, fraction: float, seed: int, target: str = "ffn2"):
         """A mask of ``fraction`` of every target layer's connections, at random (1.0 = all)."""
