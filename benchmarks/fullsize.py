@@ -74,6 +74,12 @@ def render(res: dict) -> str:
             f"{fmt('sample_s')} | {gb(r['peak_rss_bytes'])} | {gb(r['peak_anon_bytes'])} | "
             f"{sm.get('pruned', '-')} ({100 * sm.get('pruned_fraction', 0):.3f} %) | "
             f"{sm.get('layers_touched', '-')}/{sm.get('layers', '-')} |")
+    lines += ["", "Peak RSS is what psutil reports for the server process; it counts the checkpoint's mmapped "
+              "file pages while ComfyUI loads it (reclaimable page cache), so the load dominates it. Peak anon "
+              "RSS is the anonymous part (weights as converted, activations, the pack's state). Each "
+              "checkpoint's memory_samples in the JSON give the timeline (s, anon, file) every ~5 s. "
+              "Runs of separate invocations (--append) keep their own settings; the environment lines are "
+              "those of the last invocation. Timings on a shared 2-core machine vary with its load."]
     for r in res["runs"]:
         i = r["inputs"]
         lines += ["", f"## {r['arch']}", "", f"- settings: {i['width']}x{i['height']}, num_prompts {i['num_prompts']}, "
@@ -104,7 +110,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="", help="result name (default fullsize-<device>)")
     ap.add_argument("--append", action="store_true",
                     help="keep the runs of other checkpoints from an existing result file (each run keeps its settings)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the Markdown next to an existing result JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(render(res))
+        return res
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = "cpu" if H.use_cpu() else "cuda"
     H.import_comfy(tempfile.mkdtemp(prefix="fia_fullsize_ns_"))
