@@ -110,6 +110,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="", help="result name (default fullsize-<device>)")
     ap.add_argument("--append", action="store_true",
                     help="keep the runs of other checkpoints from an existing result file (each run keeps its settings)")
+    ap.add_argument("--load-only", action="store_true", help="only detect and load each checkpoint (memory)")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the Markdown next to an existing result JSON")
     args = ap.parse_args(argv)
     if args.render:
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
         log.info("%s: server args %s", arch, extra)
         with tempfile.TemporaryDirectory(prefix=f"fia_fullsize_{arch}_") as base:
             r = F.run_forget_on_server(arch, base, inputs=inputs, sample_steps=args.sample_steps,
-                                       extra_args=extra, anon_limit_gb=args.anon_limit_gb)
+                                       extra_args=extra, anon_limit_gb=args.anon_limit_gb,
+                                       load_only=args.load_only)
         r.pop("image", None)
         log.info("%s: %s", arch, {k: r.get(k) for k in ("startup_s", "load_s", "forget_s", "sample_s",
                                                          "peak_rss_bytes", "peak_anon_bytes", "summary", "error")})

@@ -409,11 +409,11 @@ def fia_inputs(concepts: str = "golf ball", size: int = 128, num_prompts: int = 
 
 def run_forget_on_server(arch: str, base_dir: str | os.PathLike, *, inputs: Mapping[str, Any] | None = None,
                          sample_steps: int = 4, extra_args: tuple[str, ...] = (), anon_limit_gb: float | None = None,
-                         timeout: float = 3600.0) -> dict[str, Any]:
+                         timeout: float = 3600.0, load_only: bool = False) -> dict[str, Any]:
     """Write (or reuse) the ``arch`` checkpoint, start a real ComfyUI server with the pack
     and no test registration (``tiny_models=False``), and run three prompts: load the
     checkpoint; FIAForgetConcepts (+ FIAMaskInfo); sample once with the erased model
-    (skipped when ``sample_steps`` is 0). Returns times, peak memory of the server
+    (skipped when ``sample_steps`` is 0); ``load_only``: the first prompt only. Returns times, peak memory of the server
     process, ComfyUI's model detection and the node's ``fia_summary``."""
     inputs = dict(inputs or fia_inputs())
     path = ensure_checkpoint(arch)
@@ -431,7 +431,7 @@ def run_forget_on_server(arch: str, base_dir: str | os.PathLike, *, inputs: Mapp
     try:
         with mem:
             for label, graph in (("load", load), ("forget", forget), ("sample", sample)):
-                if label == "sample" and not sample_steps:
+                if (label == "sample" and not sample_steps) or (load_only and label != "load"):
                     continue
                 t = time.monotonic()
                 try:
