@@ -6,7 +6,7 @@ r2 / alpha / strength changed.
 
     $PY benchmarks/bench_fia.py                          # CPU, SD1.x-shaped model (~17 min, 1 thread)
     $PY benchmarks/bench_fia.py --smoke --out /tmp/fia  # seconds: checks that everything runs
-    $PY benchmarks/bench_fia.py --device cuda --full-size   # full SD1.5 UNet (random weights) on a GPU
+    $PY benchmarks/bench_fia.py --device cuda --full-size   # SD1.5 checkpoint (random weights, devkit/fullsize.py) on a GPU
 
 $PY is the test environment's python (tests/setup_env.sh prints it). Results are printed
 as a table and written to --out (default benchmarks/results/) as <name>.json and
@@ -267,6 +267,14 @@ class Bench:
         H, torch = self.H, self.torch
         if self.cfg["unet"] is None:
             return H.tiny_sd15_model(seed=0), H.tiny_clip(seed=1)
+        if self.config_name == "full":
+            # the real-format SD1.5 file of devkit/fullsize.py (random weights, fp16, full
+            # CLIP-L), loaded and detected by ComfyUI as a user's checkpoint would be
+            import comfy.sd
+            from devkit import fullsize
+
+            model, clip = comfy.sd.load_checkpoint_guess_config(str(fullsize.ensure_checkpoint("sd15")))[:2]
+            return model, clip
         import comfy.model_management as mm
         import comfy.model_patcher
         import comfy.supported_models as sm
@@ -759,7 +767,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and shapes: checks that everything runs (seconds)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--full-size", action="store_true", help="SD1.5's full UNet (random weights) at 512x512")
+    ap.add_argument("--full-size", action="store_true", help="SD1.5 at 512x512: the random-weight real-format checkpoint of devkit/fullsize.py")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for <name>.json and <name>.md")
     ap.add_argument("--repeats", type=int, default=0, help="saliency repeats (default: 3, smoke 1)")
     ap.add_argument("--pairs", type=int, default=0, help="prompt pairs per concept (default: 4 small, 8 full)")
