@@ -76,15 +76,25 @@ def dequantized_float32(weight: torch.Tensor, convert=None) -> torch.Tensor:
     ``convert`` the module's ``convert_weight`` (None for plain layers). Handles
     * plain float32 / float16 / bfloat16 / fp8 tensors (upcast: fp8 has no arithmetic);
     * ComfyUI's QuantizedTensor (``comfy.quant_ops``: MixedPrecisionOps weights in 0.3.75
-      and the comfy_kitchen tensors of 0.8.0): moved with ``copy=True`` (0.3.75's in-place
-      ``.to(dtype)`` would change the model's own tensor), then ``.dequantize()`` in float32;
+      and the comfy_kitchen tensors of 0.8.0): copied to the CPU, then ``.dequantize()``
+      in float32 (0.8: ``.to(float32)`` sets the dequantization dtype; 0.3.75 ignores it,
+      so its ``orig_dtype`` layout parameter is set on a new wrapper of the copy);
     * 0.3.75 scaled_fp8 Linears: their ``convert_weight`` multiplies by ``scale_weight``,
       exactly as ModelPatcher.patch_weight_to_device does before applying patches.
     The model's tensors are never modified.
     """
-    w = weight.detach().to(device="cpu", dtype=torch.float32, copy=True)
-    if QuantizedTensor is not None and isinstance(w, QuantizedTensor):
+    if _is_quantized(weight):
+        w = weight.detach().to(device="cpu", copy=True)
+        params = getattr(w, "_layout_params", None)
+        if isinstance(params, dict) and "orig_dtype" in params:
+            # ComfyUI 0.3.x QuantizedTensor ignores .to(dtype) (with a warning): set the
+            # dequantization dtype on a new wrapper of the copied data instead.
+            w = QuantizedTensor(w._qdata, w._layout_type, {**params, "orig_dtype": torch.float32})
+        else:  # 0.8 (comfy_kitchen): .to(dtype) sets the dequantization dtype
+            w = w.to(torch.float32)
         w = w.dequantize()
+    else:
+        w = weight.detach().to(device="cpu", dtype=torch.float32, copy=True)
     if convert is not None:
         w = convert(w, inplace=True)
     if QuantizedTensor is not None and isinstance(w, QuantizedTensor):  # a convert that re-wraps
