@@ -119,13 +119,28 @@ def _linear_weight_keys(sd: Mapping[str, torch.Tensor], prefix: str) -> list[str
     return [k for k, v in sd.items() if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2]
 
 
+def scaled_fp8_rounds_biases() -> bool:
+    """True on ComfyUI 0.3.x: its ``scaled_fp8_ops`` Linear is built in fp8 (weight AND
+    bias), so loading rounds each float bias to fp8, unscaled. ComfyUI 0.8 converts
+    scaled_fp8 files to MixedPrecisionOps, which keep biases in the compute dtype."""
+    import comfy.utils
+
+    return not hasattr(comfy.utils, "convert_old_quants")
+
+
 def quantize_state_dict(sd: Mapping[str, torch.Tensor], fmt: str, prefix: str = UNET_PREFIX,
-                        layers: Iterable[str] | None = None) -> QuantizedStateDict:
+                        layers: Iterable[str] | None = None,
+                        fp8_biases: bool | None = None) -> QuantizedStateDict:
     """Quantize the Linear weights under ``prefix`` of ``sd`` into format ``fmt``.
 
     ``layers``: substrings selecting which Linear layers to quantize (None = all);
     scaled_fp8 always quantizes all (0.3.75's scaled_fp8 ops make every Linear fp8).
+    ``fp8_biases``: for scaled_fp8, give the reference the fp8-rounded biases the running
+    ComfyUI computes with (None = :func:`scaled_fp8_rounds_biases`); the file itself keeps
+    float32 biases, as real scaled_fp8 checkpoints do.
     """
+    if fp8_biases is None:
+        fp8_biases = fmt == "scaled_fp8" and scaled_fp8_rounds_biases()
     keys = _linear_weight_keys(sd, prefix)
     if layers is not None and fmt != "scaled_fp8":
         wanted = list(layers)
@@ -142,6 +157,9 @@ def quantize_state_dict(sd: Mapping[str, torch.Tensor], fmt: str, prefix: str = 
         ref[k] = dequantize_fp8(q, scale)
         if fmt == "scaled_fp8":
             quant[f"{layer}.scale_weight"] = scale
+            bias = f"{layer}.bias"
+            if fp8_biases and bias in sd:  # what 0.3.x's scaled_fp8 Linear holds (see below)
+                ref[bias] = sd[bias].to(FP8).to(torch.float32)
         else:
             quant[f"{layer}.weight_scale"] = scale
         if fmt == "comfy_quant":
@@ -251,8 +269,9 @@ def loaded_ffn2_float32(model) -> dict[str, torch.Tensor]:
     """Load ``model`` the way sampling does and read each FFN2 weight dequantized."""
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model])
-    return {k: module_weight_float32(m) for k, m in ffn2_modules(model).items()}
+    with torch.no_grad():  # as ComfyUI runs nodes (inference mode): fp8 rounding needs it
+        mm.load_models_gpu([model])
+        return {k: module_weight_float32(m) for k, m in ffn2_modules(model).items()}
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
