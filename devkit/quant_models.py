@@ -128,6 +128,15 @@ def scaled_fp8_rounds_biases() -> bool:
     return not hasattr(comfy.utils, "convert_old_quants")
 
 
+def requantize_recalculates_scale() -> bool:
+    """True on ComfyUI 0.8: a patched quantized weight is re-quantized with a scale
+    recalculated from its new absmax (MixedPrecisionOps.set_weight, scale="recalculate").
+    0.3.75 keeps the layer's scale_weight (scaled_fp8)."""
+    import comfy.utils
+
+    return hasattr(comfy.utils, "convert_old_quants")
+
+
 def quantize_state_dict(sd: Mapping[str, torch.Tensor], fmt: str, prefix: str = UNET_PREFIX,
                         layers: Iterable[str] | None = None,
                         fp8_biases: bool | None = None) -> QuantizedStateDict:
@@ -272,6 +281,28 @@ def loaded_ffn2_float32(model) -> dict[str, torch.Tensor]:
     with torch.no_grad():  # as ComfyUI runs nodes (inference mode): fp8 rounding needs it
         mm.load_models_gpu([model])
         return {k: module_weight_float32(m) for k, m in ffn2_modules(model).items()}
+
+
+#: Small saliency settings for tests (fields of the pack's SaliencySettings).
+SMALL_SALIENCY = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
+                      width=64, height=64, mode="fast", batch_size=2)
+
+
+def fresh_saliency_and_mask(pack, model, clip, concept: str = "golf ball", r2: float = 0.05,
+                            num_prompts: int = 4, **settings):
+    """(saliency, mask) of a fresh run, the disk cache bypassed (two models with equal
+    weights, e.g. an fp8 file and its fp32 twin, would otherwise share one entry).
+    Goes through the pack's runner API, old (saliency_runner) or new (saliency)."""
+    nodes_pkg = pack.nodes
+    runner = getattr(nodes_pkg, "saliency", None) or nodes_pkg.saliency_runner
+    settings_mod = getattr(nodes_pkg, "saliency_settings", None) or nodes_pkg.saliency_runner
+    s = settings_mod.SaliencySettings(**{**SMALL_SALIENCY, **settings})
+    pairs = pack.fia_core.build_prompt_pairs(concept, "objects", num_prompts, s.seed)
+    run = runner.concept_saliency(model, clip, concept, pairs, s, use_cache=False)
+    sal = run.saliency if hasattr(run, "saliency") else run[0]
+    select = getattr(pack.fia_core, "select_concept_mask", None)
+    mask = select(sal, r2) if select is not None else sal.select(r2=r2)
+    return sal, mask
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

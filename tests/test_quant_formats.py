@@ -47,6 +47,17 @@ def clip(comfy):
 _LOADED: dict[str, tuple] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    """Free the loaded models with the module (not at interpreter exit, where ComfyUI's
+    ModelPatcher.__del__ fails on already-cleared globals)."""
+    yield
+    import comfy.model_management as mm
+
+    _LOADED.clear()
+    mm.unload_all_models()
+
+
 @pytest.fixture(params=QM.FORMATS)
 def pair(request, comfy, tmp_path_factory):
     """(files, fp8 MODEL, fp32 twin MODEL) of one format, loaded once per session."""
@@ -64,16 +75,7 @@ def pair(request, comfy, tmp_path_factory):
 
 def saliency_and_mask(pack, model, clip, concept=CONCEPT, r2=R2):
     """A fresh (uncached) saliency run and its mask, through the pack's runner API."""
-    nodes_pkg = pack.nodes
-    runner = getattr(nodes_pkg, "saliency", None) or nodes_pkg.saliency_runner
-    settings_mod = getattr(nodes_pkg, "saliency_settings", None) or nodes_pkg.saliency_runner
-    settings = settings_mod.SaliencySettings(**SMALL)
-    pairs = pack.fia_core.build_prompt_pairs(concept, "objects", 4, SMALL["seed"])
-    run = runner.concept_saliency(model, clip, concept, pairs, settings, use_cache=False)
-    sal = run.saliency if hasattr(run, "saliency") else run[0]
-    select = getattr(pack.fia_core, "select_concept_mask", None)
-    mask = select(sal, r2) if select is not None else sal.select(r2=r2)
-    return sal, mask
+    return QM.fresh_saliency_and_mask(pack, model, clip, concept, r2, **SMALL)
 
 
 def ffn2_dense(mask) -> dict[str, torch.Tensor]:
@@ -139,11 +141,19 @@ def test_apply_zeroes_exactly_through_comfys_patch_path(comfy, pack, pair, clip)
     log.warning("ComfyUI %s %s: do-nothing patch moves %d of %d FFN2 entries; masked %d; entries off the mask "
                 "differing from the do-nothing patch: %s", QM.comfyui_version(), files.fmt, moved_by_noop, total,
                 sum(int(d.sum()) for d in dense.values()), differs)
+    compared = 0
     for k in twin:
         assert (got[k][dense[k]] == 0).all(), f"{k}: masked entries are not zero after dequantization"
         assert torch.equal(got[k], lora[k]), f"{k}: differs from the LoRA-style diff patch"
+        # ComfyUI 0.8 re-quantizes with a scale recalculated from the patched weight's absmax:
+        # where the mask removes the absmax entry, every other entry gets a new scale, and
+        # the do-nothing patch is no reference for that layer (the diff patch above is).
+        if bool(dense[k].flatten()[twin[k].abs().flatten().argmax()]) and QM.requantize_recalculates_scale():
+            continue
+        compared += 1
         assert torch.equal(got[k][~dense[k]], noop[k][~dense[k]]), (
             f"{k}: {differs[k]} entries off the mask differ from the do-nothing patch")
+    assert compared >= len(twin) - 2
     # the erased model samples, and differently from the original
     pos, neg = H.encode(clip, "a golf ball in a park"), H.encode(clip, "")
     assert not torch.equal(H.sample(fp8, pos, neg, seed=1, steps=3), H.sample(patched, pos, neg, seed=1, steps=3))
