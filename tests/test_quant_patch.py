@@ -105,13 +105,15 @@ def test_model_load_raises_instead_of_running_unmasked(comfy, adapter, tiny_sd15
     import comfy.model_management as mm
 
     key = H.ffn2_keys(tiny_sd15)[0]
+    before = H.ffn2_modules(tiny_sd15)[key].weight.detach().clone()
     m = tiny_sd15.clone()
-    shape = H.ffn2_modules(m)[key].weight.shape
+    shape = before.shape
     accepted = m.add_patches({(key, (0, 0, 4)): adapter.FIAMaskPatch(torch.tensor([0, 1, 2]), shape)}, 1.0)
     assert accepted
     with pytest.raises(adapter.MaskPatchError, match="offset"):
         mm.load_models_gpu([m])
     mm.unload_all_models()
+    assert torch.equal(H.ffn2_modules(tiny_sd15)[key].weight.detach(), before), "the shared weight was changed"
 
 
 def test_indices_are_cached_per_device(comfy, adapter):
