@@ -207,3 +207,31 @@ def test_lowvram_masks_on_the_fly(comfy, pack, pair, clip):
         assert torch.equal(got[k][~dense[k]], noop[k][~dense[k]]), k
     for k, mod in QM.ffn2_modules(fp8).items():
         assert not mod.weight_function, "lowvram patches were left on the module"
+
+
+@pytest.mark.parametrize("fmt", ["scaled_fp8", "comfy_quant"])
+def test_sdxl_fp8_checkpoint_whole_chain(comfy, pack, tmp_path, fmt):
+    """SDXL (linear proj_in/out, two transformer blocks per level) in fp8: same mask as
+    the fp32 twin, exact zeros after ComfyUI's re-quantization."""
+    reason = QM.format_unsupported(fmt)
+    if reason:
+        pytest.skip(reason)
+    files = QM.tiny_quantized_files(tmp_path, fmt, seed=0, arch="sdxl")
+    fp8, ref = QM.load_model(files.quantized, files.loader), QM.load_model(files.reference, files.loader)
+    clip = H.tiny_sdxl_clip(seed=1)
+    layers = pack.nodes.comfy_adapter.target_layers(fp8)
+    assert len(layers) == H.TINY_SDXL_FFN2_COUNT
+    _, mask8 = saliency_and_mask(pack, fp8, clip)
+    _, mask32 = saliency_and_mask(pack, ref, clip)
+    d8, d32 = ffn2_dense(mask8), ffn2_dense(mask32)
+    j = QM.jaccard(torch.cat([d.flatten() for d in d8.values()]), torch.cat([d.flatten() for d in d32.values()]))
+    log.warning("ComfyUI %s SDXL %s: Jaccard(fp8 mask, fp32 mask) = %.6f (%d pruned)", QM.comfyui_version(), fmt,
+                j, mask8.stats()["total_pruned"])
+    assert j == 1.0 and mask8.stats()["total_pruned"] > 0
+    twin = QM.loaded_ffn2_float32(ref)
+    got = QM.loaded_ffn2_float32(pack.nodes.comfy_adapter.apply_mask(fp8, mask8, 1.0))
+    lora = QM.loaded_ffn2_float32(with_diff_patches(fp8, {k: -twin[k] * d8[k] for k in twin}))
+    for k in twin:
+        assert (got[k][d8[k]] == 0).all() and torch.equal(got[k], lora[k]), k
+    import comfy.model_management as mm
+    mm.unload_all_models()
