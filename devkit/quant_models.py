@@ -229,9 +229,7 @@ def tiny_quantized_files(directory: str | os.PathLike, fmt: str, seed: int = 0, 
     q = quantize_state_dict(sd, fmt, prefix, layers)
     qpath = write_safetensors(directory / f"{fmt}_{arch}_fp8.safetensors", q.quantized, q.metadata)
     rpath = write_safetensors(directory / f"{fmt}_{arch}_fp32.safetensors", q.reference)
-    rel = tuple(n[len(prefix):] if n.startswith(prefix) else n for n in q.layers)
-    rel = tuple(n[len("model.diffusion_model."):] if n.startswith("model.diffusion_model.") else n for n in rel)
-    return QuantFiles(fmt, qpath, rpath, loader, rel)
+    return QuantFiles(fmt, qpath, rpath, loader, tuple(n[len(prefix):] for n in q.layers))
 
 
 def load_model(path: str | os.PathLike, loader: str = "checkpoint"):
