@@ -3,7 +3,7 @@
 Fixtures (all cheap: ComfyUI is imported once per session, ~2-7 s; each tiny model
 builds in well under a second):
 
-* ``comfy`` (session): the namespace of :func:`comfy_harness.import_comfy` (``nodes``,
+* ``comfy`` (session): the namespace of :func:`devkit.comfyui.import_comfy` (``nodes``,
   ``comfy``, ``folder_paths``, ``args``, ``path``); folder_paths points at
   ``comfy_base_dir``. Skips the test when ComfyUI cannot be found or imported, or fails
   it when ``FIA_REQUIRE_COMFY=1`` (set by ``.ci/run``).
@@ -14,13 +14,13 @@ builds in well under a second):
   the clone, remove hooks in ``finally``.
 * ``tiny_clip``, ``tiny_sdxl_clip`` (per test): clones of session-built tiny CLIPs.
 * ``tiny_vae`` (session), ``tiny_checkpoint`` (session: path of a tiny SD15
-  all-in-one safetensors, see comfy_harness.save_tiny_checkpoint).
+  all-in-one safetensors, see devkit.zoo.save_tiny_checkpoint).
 
 ``OMP_NUM_THREADS`` defaults to 1 for the session (see below).
 
 Tests using ``comfy`` (directly or through another fixture) get the ``comfy`` marker.
 Server tests should request ``comfy`` too (to skip cleanly without ComfyUI) and use
-``comfy_harness.ComfyServer``.
+``H.ComfyServer`` (``from devkit import harness as H``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-import comfy_harness as H  # noqa: E402
+from devkit import harness as H  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 

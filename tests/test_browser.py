@@ -5,7 +5,7 @@ started here with the pack installed and a tiny checkpoint.
 Checks, in order: the editor loads the FIA extension without JS errors; every FIA node is
 found through the node search and added; the example workflows load from the template
 browser (and one by file) without missing nodes, and the editor's own UI->API conversion
-matches tests/workflow_convert.py; FIA Fuse Masks grows and shrinks its mask inputs and a
+matches devkit/workflow_convert.py; FIA Fuse Masks grows and shrinks its mask inputs and a
 saved workflow reloads with the same inputs; concept warnings appear; a small end-to-end
 run shows the FIA summaries on the nodes. Screenshots go to tests/out/.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy_harness as H
-import workflow_convert as WC
+from devkit import harness as H
+from devkit import workflow_convert as WC
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 
@@ -241,7 +241,7 @@ def _loaded_ok(editor: Editor, name: str, object_info: dict) -> None:
     assert missing == [], f"{name}: missing nodes {missing}"
     assert sorted(graph_types(editor)) == sorted(n["type"] for n in wf["nodes"])
     assert not editor.js("() => app.graph.nodes.some((n) => n.has_errors)")
-    # The editor's own UI->API conversion agrees with tests/workflow_convert.py.
+    # The editor's own UI->API conversion agrees with devkit/workflow_convert.py.
     ours = WC.convert(wf, object_info)
     theirs = json.loads(editor.js("async () => JSON.stringify((await app.graphToPrompt()).output)"))
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
