@@ -18,12 +18,15 @@ builds in well under a second):
 
 ``OMP_NUM_THREADS`` defaults to 1 for the session (see below).
 
-Tests using ``comfy`` (directly or through another fixture) get the ``comfy`` marker.
+Tests using ``comfy`` (directly or through another fixture) get the ``comfy`` marker;
+tests in the modules of ``ALL_VERSIONS_MODULES`` get ``all_versions`` (what .ci/run runs
+on ComfyUI 0.8.0 too).
 Server tests should request ``comfy`` too (to skip cleanly without ComfyUI) and use
 ``H.ComfyServer`` (``from devkit import harness as H``).
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -48,10 +51,30 @@ def pytest_configure(config):
         config.args[:] = [str(TESTS_DIR)]
 
 
+#: Test modules that .ci/run also runs on ComfyUI 0.8.0 (marker ``all_versions``, added
+#: here by file name): the harness, the nodes, the runner, the real server and editor,
+#: quantized weights, SD2 and saving erased checkpoints. The rest (the pure library, the
+#: toy benchmark, the demo, the performance benchmark) runs on 0.3.75 only.
+ALL_VERSIONS_MODULES = ("test_harness.py", "test_nodes.py", "test_nodes_*.py", "test_runner_*.py",
+                        "test_workflows_server.py", "test_browser.py", "test_quant_*.py",
+                        "test_sd2*.py", "test_checkpoint_save*.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "comfy" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.comfy)
+        if any(fnmatch.fnmatch(item.path.name, pat) for pat in ALL_VERSIONS_MODULES):
+            item.add_marker(pytest.mark.all_versions)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # item.rep_setup / rep_call / rep_teardown: lets fixtures see whether the test failed
+    # (test_browser reloads the editor after a failure).
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
 
 
 def pytest_runtest_setup(item):
