@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
