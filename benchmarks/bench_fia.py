@@ -4,11 +4,12 @@ procedure and against the bare UNet evaluations, in one run on one model; mask b
 and fusion on SD1.5's real FFN2 shapes; applying a fused mask; re-running with only
 r2 / alpha / strength changed.
 
-    $PY benchmarks/bench_fia.py                          # CPU, SD1.x-shaped model (~17 min, 1 thread)
-    $PY benchmarks/bench_fia.py --smoke --out /tmp/fia  # seconds: checks that everything runs
-    $PY benchmarks/bench_fia.py --device cuda --full-size   # SD1.5 checkpoint (random weights, devkit/fullsize.py) on a GPU
+    $PY -m benchmarks.bench_fia                          # CPU, SD1.x-shaped model (~17 min, 1 thread)
+    $PY -m benchmarks.bench_fia --smoke --out /tmp/fia  # seconds: checks that everything runs
+    $PY -m benchmarks.bench_fia --device cuda --full-size   # SD1.5 checkpoint (random weights, devkit/fullsize.py) on a GPU
 
-$PY is the test environment's python (tests/setup_env.sh prints it). Results are printed
+$PY is the test environment's python (tests/setup_env.sh prints it); run from the
+repository root. Results are printed
 as a table and written to --out (default benchmarks/results/) as <name>.json and
 <name>.md, name = <device>-<config> (cpu-small, cuda-full, ...).
 
@@ -25,7 +26,7 @@ the same concept, rotating their order), medians over the repeats:
 UNet evaluations are counted by a forward pre-hook on the diffusion model (calls and batch
 rows). Peak memory: resident-set growth sampled every 2 ms (CPU) or
 torch.cuda.max_memory_allocated (GPU), above the level at the start of the measurement.
-Models have random weights (ComfyUI's own classes, tests/comfy_harness.fill_weights_);
+Models have random weights (ComfyUI's own classes, devkit.zoo.fill_weights_);
 the timings do not depend on the weights.
 """
 from __future__ import annotations
@@ -40,15 +41,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # comfy_harness
-sys.path.insert(0, str(REPO))  # benchmarks.reference_fia, fia_core (the reference's rounding helper)
+from devkit import comfyui, zoo
+from devkit.comfyui import REPO_ROOT as REPO
 
 PAPER_SECONDS_PER_CONCEPT = 11.28  # SD v1.5 on an A6000 (fia-method.md)
 PAPER_PEAK_GB = 2.95
@@ -230,13 +229,11 @@ class Bench:
                 self.cfg[opt] = getattr(args, opt)
         self.device = args.device
         if self.device == "cuda":
-            os.environ["FIA_TEST_GPU"] = "1"  # comfy_harness: let ComfyUI use the GPU
+            os.environ["FIA_TEST_GPU"] = "1"  # devkit.comfyui: let ComfyUI use the GPU
         _fixed_mmap_threshold()
-        import comfy_harness as H
-
-        self.H = H
+        self.H = zoo
         self.tmp = tempfile.TemporaryDirectory(prefix="fia_bench_")
-        self.ns = H.import_comfy(self.tmp.name)
+        self.ns = comfyui.import_comfy(self.tmp.name)
         import torch
 
         self.torch = torch
@@ -249,13 +246,12 @@ class Bench:
         if threads:
             torch.set_num_threads(threads)
         self.ns.comfy.utils.PROGRESS_BAR_ENABLED = False
-        pack = H.load_pack()
-        name = pack.__name__
-        self.runner = sys.modules[f"{name}.nodes.saliency_runner"]
-        self.adapter = sys.modules[f"{name}.nodes.comfy_adapter"]
-        self.core = sys.modules[f"{name}.fia_core"]
-        self.rank_one = sys.modules[f"{name}.fia_core.rank_one"]
-        self.neurons = sys.modules[f"{name}.fia_core.neurons"]
+        pack = comfyui.load_pack()
+        self.runner = pack.nodes.saliency_runner
+        self.adapter = pack.nodes.comfy_adapter
+        self.core = pack.fia_core
+        self.rank_one = pack.fia_core.rank_one
+        self.neurons = pack.fia_core.neurons
         self.node_classes = pack.NODE_CLASS_MAPPINGS
         from benchmarks import reference_fia
 
@@ -294,21 +290,12 @@ class Bench:
     def build_clip(self, hidden: int):
         """An SD1 CLIP (real tokenizer) of the given width with 2 layers: conditioning of
         SD1.5's shape at a fraction of CLIP-L's encoding cost (not part of the UNet counts)."""
-        import comfy.sd
         import comfy.sd1_clip as sd1_clip
-        from comfy.supported_models_base import ClipTarget
 
         config = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": 2,
                   "num_attention_heads": max(1, hidden // 64), "projection_dim": hidden}
-
-        class BenchClipModel(sd1_clip.SD1ClipModel):
-            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-                model_options = {**model_options, "clip_l_model_config": dict(config)}
-                super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
-
-        clip = comfy.sd.CLIP(ClipTarget(sd1_clip.SD1Tokenizer, BenchClipModel), parameters=30_000_000)
-        self.H.fill_weights_(clip.cond_stage_model, 1)
-        return clip
+        return zoo.make_clip(zoo.clip_model_class("BenchClipModel", config), sd1_clip.SD1Tokenizer,
+                             seed=1, parameters=30_000_000)
 
     def settings(self):
         c = self.cfg
@@ -648,7 +635,7 @@ class Bench:
         torch = self.torch
         env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": self.device,
-               "comfyui": self.H.COMFYUI_VERSION, "config": self.config_name}
+               "comfyui": self.ns.version or comfyui.COMFYUI_VERSION, "config": self.config_name}
         with contextlib.suppress(OSError):
             for line in open("/proc/cpuinfo"):
                 if line.startswith("model name"):

@@ -2,8 +2,8 @@
 """Full-size benchmark (issue 13 item 6): FIAForgetConcepts on random-weight, real-format
 SD1.5 and SDXL checkpoints through a real ComfyUI server.
 
-    $PY benchmarks/fullsize.py                       # both, CPU defaults below
-    $PY benchmarks/fullsize.py --arch sd15 --size 256 --saliency-steps 10
+    $PY -m benchmarks.fullsize                       # both, CPU defaults below
+    $PY -m benchmarks.fullsize --arch sd15 --size 256 --saliency-steps 10
 
 The checkpoints come from devkit/fullsize.py (written once into
 ${FIA_CACHE:-~/.cache/fia-comfyui}/fullsize/: SD1.5 2.0 GB, SDXL 6.9 GB, float16) and are
@@ -30,18 +30,15 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # comfy_harness
-sys.path.insert(0, str(REPO))  # devkit
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the server (see tests/conftest.py)
 
-import comfy_harness as H  # noqa: E402
+from devkit import harness as H  # noqa: E402
 from devkit import fullsize as F  # noqa: E402
 
 log = logging.getLogger("fullsize")

@@ -23,7 +23,7 @@ seed and a CRC of the key, so they do not depend on the write order): normalisat
 weights 1, normalisation biases 0, every other tensor N(0, 0.02^2). Small weights keep a
 random UNet's activations in range (random UNets with PyTorch-default init can overflow
 to inf/NaN in float16; :func:`unet_output_finite` checks it). The VAE is a TAESD filled by
-``comfy_harness.fill_weights_`` (seeded). Images decoded from these models are noise;
+``devkit.harness.fill_weights_`` (seeded). Images decoded from these models are noise;
 timings and memory are those of the real architectures.
 
 Files live in ``${FIA_CACHE:-~/.cache/fia-comfyui}/fullsize/`` (outside the repository)
@@ -37,16 +37,12 @@ import logging
 import os
 import re
 import struct
-import sys
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-_TESTS = Path(__file__).resolve().parent.parent / "tests"
-if str(_TESTS) not in sys.path:  # comfy_harness until it moves into devkit
-    sys.path.insert(0, str(_TESTS))
-import comfy_harness as H  # noqa: E402
+from . import harness as H
 
 log = logging.getLogger(__name__)
 

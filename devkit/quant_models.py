@@ -25,8 +25,8 @@ lacks, naming its version:
     and ``<layer>.comfy_quant`` (a uint8 tensor holding the JSON ``{"format":
     "float8_e4m3fn"}``): 0.8's native per-layer format (what its own save writes).
 
-Needs ComfyUI importable (``comfy_harness.import_comfy`` first) and the tiny configs
-registered (done here through ``comfy_harness.register_tiny_models_for_detection``).
+Needs ComfyUI importable (``devkit.harness.import_comfy`` first) and the tiny configs
+registered (done here through ``devkit.harness.register_tiny_models_for_detection``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-import comfy_harness as H
+from . import harness as H
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -214,7 +214,7 @@ def write_safetensors(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
 def tiny_quantized_files(directory: str | os.PathLike, fmt: str, seed: int = 0, arch: str = "sd15",
                          layers: Iterable[str] | None = None) -> QuantFiles:
     """Write ``<fmt>_fp8.safetensors`` and ``<fmt>_fp32.safetensors`` in ``directory``
-    from the tiny ``arch`` checkpoint of ``seed`` (comfy_harness.save_tiny_checkpoint).
+    from the tiny ``arch`` checkpoint of ``seed`` (devkit.harness.save_tiny_checkpoint).
     ``layers``: see :func:`quantize_state_dict` (default: all Linear layers)."""
     from safetensors.torch import load_file
 

@@ -16,19 +16,15 @@ Nothing here registers itself: :func:`register_tiny_sd2_for_detection` puts
 :class:`TinySD20` in front of ``comfy.supported_models.models`` (test-only, for loading a
 saved tiny SD2 checkpoint). Real SD2 checkpoints never match the tiny config.
 
-Needs ComfyUI importable (``comfy_harness.import_comfy()`` first).
+Needs ComfyUI importable (``devkit.harness.import_comfy()`` first).
 """
 from __future__ import annotations
 
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
-_TESTS = Path(__file__).resolve().parent.parent / "tests"
-if str(_TESTS) not in sys.path:  # comfy_harness until it moves into devkit
-    sys.path.insert(0, str(_TESTS))
-import comfy_harness as H  # noqa: E402
+from . import harness as H
 
 #: Context width of the tiny SD2 (OpenCLIP-H's 1024 scaled down; distinct from the tiny
 #: SD15's 64 so the configs never collide in detection).
@@ -103,7 +99,7 @@ def register_tiny_sd2_for_detection() -> None:
 def tiny_sd2_model(seed: int = 0, dtype=None):
     """A ``ModelPatcher`` around ``BaseModel(TinySD20(TINY_SD2_UNET), V_PREDICTION)``:
     ~1 M parameters, linear proj_in/out, 7 FFN2 layers; weights seeded
-    (``comfy_harness.fill_weights_``). dtype None = what ComfyUI's loader would pick."""
+    (``devkit.harness.fill_weights_``). dtype None = what ComfyUI's loader would pick."""
     H.import_comfy()
     import comfy.model_management as mm
     import comfy.model_patcher

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
              width=64, height=64, mode="fast", batch_size=2, num_prompts=4)

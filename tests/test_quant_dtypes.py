@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 from devkit import quant_models as QM
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 from devkit import quant_models as QM
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -131,7 +131,7 @@ def test_lowvram_patch_masks_every_forward(comfy, adapter, tiny_sd15, tiny_clip)
     """ComfyUI's lowvram path on the CPU: patch_model with a tiny memory budget leaves
     the weights unpatched and masks them on the fly (LowVramPatch -> calculate_weight)."""
     import comfy.model_management as mm
-    from comfy_harness import ffn2_modules
+    from devkit.harness import ffn2_modules
 
     keys = H.ffn2_keys(tiny_sd15)
     original = {k: m.weight.detach().float().clone() for k, m in ffn2_modules(tiny_sd15).items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 from devkit import sd2
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,

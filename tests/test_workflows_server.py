@@ -1,7 +1,7 @@
 """The example workflows (example_workflows/*.json, UI format) run on a real ComfyUI server.
 
 One ``main.py`` server for the module, with the pack installed and a tiny SD1.5-shaped
-checkpoint. Each workflow is converted to the API format (tests/workflow_convert.py,
+checkpoint. Each workflow is converted to the API format (devkit/workflow_convert.py,
 widget order from /object_info), shrunk (tiny checkpoint, 64x64, few steps and prompts)
 and queued; the test checks the images and the summaries the FIA nodes send to the UI.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_harness as H
-import workflow_convert as WC
+from devkit import harness as H
+from devkit import workflow_convert as WC
 
 pytestmark = [pytest.mark.server]
 
