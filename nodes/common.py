@@ -6,7 +6,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..fia_core.prompts import TEMPLATES
-from .saliency_runner import SaliencySettings
+from .saliency_settings import SaliencySettings, SaliencySettingsError
 
 SALIENCY = "FIA_SALIENCY"
 MASK = "FIA_MASK"
@@ -93,12 +93,17 @@ def sampling_inputs() -> dict:
 def settings_from(node: str, kwargs: dict, r1: float) -> SaliencySettings:
     if kwargs["saliency_steps"] > kwargs["steps"]:
         raise FIAInputError(node, "saliency_steps", f"({kwargs['saliency_steps']}) must not exceed steps ({kwargs['steps']})")
-    return SaliencySettings(
+    settings = SaliencySettings(
         steps=kwargs["steps"], saliency_steps=kwargs["saliency_steps"], cfg=kwargs["cfg"],
         sampler_name=kwargs["sampler_name"], scheduler=kwargs["scheduler"], seed=kwargs["seed"],
         width=kwargs["width"], height=kwargs["height"], mode=kwargs["mode"], batch_size=kwargs["batch_size"],
         r1=r1,
     )
+    try:
+        settings.validate()
+    except SaliencySettingsError as e:
+        raise FIAInputError(node, e.input_name, e.expected) from None
+    return settings
 
 
 def progress_bar(total: int):

@@ -10,7 +10,7 @@ from .common import (MASK, FIAInputError, alpha_input, fusion_input, progress_ba
                      sampling_inputs, settings_from, template_inputs)
 from .nodes_saliency import make_pairs
 from .report import short_summary, summary_line
-from .saliency_runner import concept_saliency
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class FIAForgetConcepts:
         bar = progress_bar(len(items) * settings.saliency_steps)
         # held for the loop: every concept shares |W| and its per-model column order
         weight_abs = abs_weights(model, target_layers(model, settings.target))
-        masks = []
+        masks, notes = [], []
         for n, (concept, concept_r2) in enumerate(items):
             pairs = make_pairs(node, concept, template, kwargs["num_prompts"], kwargs["seed"])
 
@@ -108,11 +108,13 @@ class FIAForgetConcepts:
                 bar(n * settings.saliency_steps + done * settings.saliency_steps // max(1, total),
                     len(items) * settings.saliency_steps)
 
-            saliency, _ = concept_saliency(model, clip, concept, pairs, settings, progress=progress)
+            run = concept_saliency(model, clip, concept, pairs, settings, progress=progress)
+            saliency = run.saliency
+            notes += [f"{concept}: {note}" for note in run.notes]
             masks.append(saliency.select(r2=concept_r2))
             del saliency  # one concept's saliency at a time: memory stays flat in the concept count
         del weight_abs
         fused = fuse_masks(masks, None if fusion == "union" else alpha)
         log.info("FIA: %s", summary_line(fused))
         patched = apply_mask(model, fused, strength, node=node)
-        return {"ui": {"fia_summary": [short_summary(fused)]}, "result": (patched, fused)}
+        return {"ui": {"fia_summary": [{**short_summary(fused), "warnings": notes}]}, "result": (patched, fused)}

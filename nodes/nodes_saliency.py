@@ -7,7 +7,7 @@ from ..fia_core import ConceptSaliency
 from ..fia_core.prompts import build_prompt_pairs
 from .common import MASK, SALIENCY, FIAInputError, progress_bar, r1_input, r2_input, sampling_inputs, settings_from, split_lines, template_inputs
 from .report import short_summary, summary_line
-from .saliency_runner import concept_saliency
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,13 @@ class FIAConceptSaliency:
         node = "FIAConceptSaliency"
         pairs = make_pairs(node, concept, template, kwargs["num_prompts"], kwargs["seed"], custom_template, base_prompts)
         settings = settings_from(node, kwargs, r1)
-        saliency, cached = concept_saliency(model, clip, concept.strip(), pairs, settings,
-                                            progress=progress_bar(settings.saliency_steps))
+        run = concept_saliency(model, clip, concept.strip(), pairs, settings,
+                               progress=progress_bar(settings.saliency_steps))
+        saliency, cached = run.saliency, run.cached
         text = f"{concept.strip()}: {len(pairs)} prompt pairs, {settings.saliency_steps} steps, {settings.mode}" + \
                (" (cached)" if cached else "")
-        return {"ui": {"fia_summary": [{"text": text, "cached": cached}]}, "result": (saliency,)}
+        return {"ui": {"fia_summary": [{"text": text, "cached": cached, "warnings": list(run.notes)}]},
+                "result": (saliency,)}
 
 
 class FIABuildConceptMask:
