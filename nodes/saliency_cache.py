@@ -21,7 +21,7 @@ The key (sha256 of a JSON payload, CACHE_VERSION included) covers:
   negative: cond and pooled outputs), which covers the text encoder's weights, its
   patches and its layer setting (CLIPSetLastLayer) exactly, plus clip.layer_idx;
 - the concept, its prompt pairs, every SaliencySettings field except batch_size (which
-  does not change results) and the recorder's statistic (sigma_b's ddof).
+  does not change results) and the recorder's statistic (sigma_b's ddof, probed).
 """
 from __future__ import annotations
 
@@ -145,8 +145,14 @@ def digest(obj: Any, where: str = "") -> str:
 
 # -- the key --------------------------------------------------------------------------------
 def _statistic_version() -> str:
-    ddof = getattr(fia_core.saliency, "STD_DDOF", getattr(fia_core, "STD_DDOF", 1))
-    return f"ddof={ddof}"
+    """Identity of the recorder's statistic: sigma_b's ddof, probed on two values (0 and 1:
+    std 0.5 with ddof 0, 0.7071 with ddof 1), so entries of another ddof are never served."""
+    try:
+        moments = fia_core.saliency.RunningMoments()
+        moments.add(torch.tensor([[0.0], [1.0]]))
+        return f"std01={float(moments.std()[0]):.4f}"
+    except Exception:  # a recorder without RunningMoments: its declared ddof, if any
+        return f"ddof={getattr(fia_core.saliency, 'STD_DDOF', getattr(fia_core, 'STD_DDOF', '?'))}"
 
 
 def model_description(model) -> dict:

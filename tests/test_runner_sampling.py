@@ -31,9 +31,15 @@ def runner(pack):
 def installed_ddof(pack) -> int:
     """sigma_b's ddof in the installed fia_core. DDOF-DEPENDENT: issue 10 makes it 0
     (population std, the reference's); until core's change is merged the library uses 1.
-    The reference below is written with population std and compared with this ddof."""
+    The reference below is written with population std (ddof=0 default) and compared with
+    this ddof; once core's change is in, pin it to 0 here (lead: search DDOF-DEPENDENT)."""
     sal = pack.fia_core.saliency
-    return int(getattr(sal, "STD_DDOF", getattr(sal, "DDOF", getattr(pack.fia_core, "STD_DDOF", 1))))
+    for name in ("STD_DDOF", "DDOF"):
+        if hasattr(sal, name):
+            return int(getattr(sal, name))
+    moments = sal.RunningMoments()  # no constant: probe the recorder's std on (0, 1)
+    moments.add(torch.tensor([[0.0], [1.0]]))
+    return 0 if abs(float(moments.std()[0]) - 0.5) < 1e-6 else 1
 
 
 def settings_of(runner, **kw):
