@@ -11,7 +11,7 @@ by the module's weights stays valid; what depends on the patches is keyed by the
 - the mask fingerprint of the target layers (what masks record), strongly: a string, so
   applying a mask never recomputes |W| just to compare fingerprints.
 - the content fingerprint of the unpatched UNet (the saliency cache key's model part),
-  computed once per loaded model from a strided sample of every tensor.
+  computed once per loaded model from a strided sample of 1024 values of every tensor.
 - the content digest of the weight patches, memoised per ``patches_uuid`` (the uuid is
   only an in-process memo key; the digest itself is content-based and stable across
   processes).
@@ -58,15 +58,16 @@ class ModelIdentity:
     description: str
 
 
-def tensor_digest(t: torch.Tensor, h: "hashlib._Hash", samples: int = SAMPLES_PER_TENSOR) -> None:
+def tensor_digest(t: torch.Tensor, h: "hashlib._Hash", samples: int = SAMPLES_PER_TENSOR,
+                  full_numel: int = FULL_HASH_NUMEL) -> None:
     """Feed ``t``'s shape, dtype and content into ``h``: the whole tensor when it has at most
-    FULL_HASH_NUMEL elements, else a strided sample of ``samples`` values plus the first and
-    last one (a cheap identity, not a security hash: two large tensors that differ only
-    between sampled positions collide)."""
+    ``full_numel`` elements, else a strided sample of ``samples`` values plus the last one
+    (a cheap identity, not a security hash: two large tensors that differ only between
+    sampled positions collide)."""
     t = t.detach()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
     flat = t.reshape(-1)
-    if flat.numel() > FULL_HASH_NUMEL:
+    if flat.numel() > full_numel:
         step = max(1, flat.numel() // samples)
         flat = torch.cat([flat[::step][:samples], flat[-1:]])
     flat = flat.to("cpu").contiguous()
@@ -126,7 +127,7 @@ class ModelState:
         h = hashlib.sha256()
         for key, ((weight, _convert), *_patches) in sorted(model.get_key_patches("diffusion_model.").items()):
             h.update(key.encode())
-            tensor_digest(weight, h)
+            tensor_digest(weight, h, full_numel=SAMPLES_PER_TENSOR)  # sampled: cheap even for SDXL
         fp = h.hexdigest()[:32]
         with self._lock:
             self._base_fingerprint = fp
