@@ -15,7 +15,7 @@ as a table and written to --out (default benchmarks/results/) as <name>.json and
 
 What is measured, side by side and interleaved (repeat r runs pack, reference and bare on
 the same concept, rotating their order), medians over the repeats:
-(a) pack: nodes.saliency_runner.run_concept_saliency (only the first saliency_steps of
+(a) pack: nodes.saliency.run_concept_saliency (only the first saliency_steps of
     the schedule are sampled, prompt pairs batched, hooks keep per-column statistics on
     the device) and select_concept_mask (rank-one Eq. 3-6 on sorted columns of |W|);
 (b) reference: benchmarks/reference_fia.py, a re-implementation of the published
@@ -247,7 +247,8 @@ class Bench:
             torch.set_num_threads(threads)
         self.ns.comfy.utils.PROGRESS_BAR_ENABLED = False
         pack = comfyui.load_pack()
-        self.runner = pack.nodes.saliency_runner
+        self.runner = pack.nodes.saliency
+        self.sampling = pack.nodes.saliency_sampling
         self.adapter = pack.nodes.comfy_adapter
         self.core = pack.fia_core
         self.rank_one = pack.fia_core.rank_one
@@ -313,21 +314,18 @@ class Bench:
         """The pack's sampling calls (same batches, same window), without any hook."""
         import comfy.sample
 
-        r = self.runner
-        enc_c = [r._encode(clip, p.concept_prompt) for p in pairs]
-        enc_b = [r._encode(clip, p.base_prompt) for p in pairs]
-        negative = [list(r._encode(clip, ""))]
-        encoded = {r.CONCEPT: enc_c, r.BASE: enc_b}
-        h = w = settings.height // 8
-        batches = r._row_batches(enc_c, enc_b, 2 * r.memory_bounded_pairs(model, settings.batch_size, h, w))
+        r = self.sampling
+        prompts = r.EncodedPrompts.of(clip, pairs)
+        batches = r.row_batches(prompts, 2 * settings.batch_size)
+        noise_row = r.shared_noise(model, settings)
         with Timer(self.device) as timer:
             for batch in batches:
-                positive = r._batch_conditioning([encoded[side][i] for side, i in batch])
-                latent = comfy.sample.fix_empty_latent_channels(model, self.torch.zeros([len(batch), 4, h, w]))
-                noise = comfy.sample.prepare_noise(latent, settings.seed, noise_inds=[i for _, i in batch])
+                positive = r.batch_conditioning([prompts.row(row) for row in batch])
+                latent = self.torch.zeros((len(batch),) + tuple(noise_row.shape[1:]))
+                noise = noise_row.expand(len(batch), *noise_row.shape[1:]).contiguous()
                 comfy.sample.sample(model, noise, settings.steps, settings.cfg, settings.sampler_name,
-                                    settings.scheduler, positive, negative, latent, denoise=1.0, start_step=0,
-                                    last_step=settings.saliency_steps, force_full_denoise=False,
+                                    settings.scheduler, positive, [list(prompts.negative)], latent, denoise=1.0,
+                                    start_step=0, last_step=settings.saliency_steps, force_full_denoise=False,
                                     disable_pbar=True, seed=settings.seed)
         return timer.seconds
 

@@ -3,8 +3,6 @@ fingerprints, and the sparse weight patch that applies a mask without touching t
 from __future__ import annotations
 
 import logging
-import weakref
-from dataclasses import dataclass
 
 import torch
 
@@ -15,13 +13,10 @@ from ..fia_core import (
     NeuronMask,
     TargetLayer,
     apply_mask_to_weight,
-    architecture_signature,
     check_mask_matches,
-    describe_architecture,
     find_target_layers,
-    weights_fingerprint,
 )
-from ..fia_core.rank_one import SharedAbsWeights
+from .model_state import AbsWeights, ModelIdentity, identity_of, state_of
 
 try:  # ComfyUI >= 0.3.6x: weights of quantized layers (MixedPrecisionOps) are tensor subclasses
     from comfy.quant_ops import QuantizedTensor
@@ -52,21 +47,6 @@ def model_type_name(model) -> str:
 def target_layers(model, target: str = "ffn2") -> list[TargetLayer]:
     """fia_core target discovery on the diffusion network inside a ModelPatcher."""
     return find_target_layers(model.model.diffusion_model, target)
-
-
-class AbsWeights(SharedAbsWeights):
-    """{layer key: |W|} as the sampler sees it (patches such as LoRAs included), on the CPU.
-
-    A dict subclass so that it can be weakly cached: every concept of one model shares
-    one instance, and it is freed with the last saliency that uses it. It also keeps each
-    layer's column order of |W| (fia_core.rank_one.ColumnOrder, built by the first mask
-    and reused by every later concept's mask building).
-    """
-
-    fingerprint: str = ""
-
-
-_ABS_WEIGHTS: "weakref.WeakValueDictionary[tuple, AbsWeights]" = weakref.WeakValueDictionary()
 
 
 def dequantized_float32(weight: torch.Tensor, convert=None) -> torch.Tensor:
@@ -150,38 +130,16 @@ def _is_quantized(weight) -> bool:
 
 
 def abs_weights(model, layers: list[TargetLayer]) -> AbsWeights:
-    """Shared |W| of the target layers (see AbsWeights)."""
-    cache_key = (id(model.model), model.patches_uuid, tuple(l.key for l in layers))
-    cached = _ABS_WEIGHTS.get(cache_key)
-    if cached is not None:
-        return cached
-    weights = effective_weights(model, layers)
-    result = AbsWeights({k: w.abs_() for k, w in weights.items()})
-    result.fingerprint = weights_fingerprint(result)
-    _ABS_WEIGHTS[cache_key] = result
-    return result
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a mask records about the model it was built on."""
-
-    model_type: str
-    architecture: str
-    fingerprint: str
-    description: str
+    """Shared |W| of the target layers (model_state.AbsWeights, kept on the model's state)."""
+    return state_of(model).abs_weights(model, layers, effective_weights)
 
 
 def model_identity(model, layers: list[TargetLayer], target: str = "ffn2",
                    weight_abs: AbsWeights | None = None) -> ModelIdentity:
-    """Identity of the model; pass ``weight_abs`` when the caller holds it already."""
-    shapes = {l.key: l.shape for l in layers}
-    return ModelIdentity(
-        model_type_name(model),
-        architecture_signature(shapes),
-        (weight_abs if weight_abs is not None else abs_weights(model, layers)).fingerprint,
-        describe_architecture(shapes, target),
-    )
+    """Identity of the model; its fingerprint is computed at most once per patch state."""
+    fingerprint = (weight_abs.fingerprint if weight_abs is not None
+                   else state_of(model).mask_fingerprint(model, layers, effective_weights))
+    return identity_of(model, layers, target, model_type_name(model), fingerprint)
 
 
 class MaskPatchError(RuntimeError):

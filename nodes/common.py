@@ -15,7 +15,8 @@ import comfy.utils
 
 from ..fia_core import build_prompt_pairs
 from ..fia_core.prompts import TEMPLATES
-from ._interim import ConceptListError, SaliencySettings, check_sampler, normalize_concept, parse_concept_list
+from ..fia_core import ConceptListError, normalize_concept, parse_concept_list
+from .saliency_settings import SaliencySettings, SaliencySettingsError, check_sampler
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +233,10 @@ def settings_from(node: str, kwargs: dict, r1: float) -> SaliencySettings:
         width=kwargs["width"], height=kwargs["height"], mode=kwargs["mode"], batch_size=kwargs["batch_size"],
         r1=r1,
     )
-    validate = getattr(settings, "validate", None)  # the runner's own checks (resolution caps, ...)
-    if validate is not None:
-        try:
-            validate()
-        except ValueError as e:
-            if getattr(e, "input_name", None):
-                raise FIAInputError(node, e.input_name, getattr(e, "expected", str(e))) from None
-            raise FIAError(f"{node}: {e}") from None
+    try:  # the runner's own checks (resolution caps, non-finite values, samplers)
+        settings.validate()
+    except SaliencySettingsError as e:
+        raise FIAInputError(node, e.input_name, e.expected) from None
     return settings
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from ..fia_core import fuse_masks
-from ._interim import concept_saliency, mask_warnings, select_concept_mask
+from ..fia_core import fuse_masks, mask_warnings, select_concept_mask
 from .comfy_adapter import abs_weights, apply_mask, target_layers
 from .common import (MASK, NodeRun, alpha_input, check_inputs, concept_entries, custom_prompt_inputs,
                      fusion_input, make_pairs, progress_bar, r1_input, r2_input, sampling_inputs, settings_from,
                      strength_input, template_inputs, validate_sampler)
 from .report import mask_summary, summary_line
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
 

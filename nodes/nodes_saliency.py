@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from ._interim import concept_saliency, select_concept_mask
+from ..fia_core import select_concept_mask
 from .common import (MASK, SALIENCY, NodeRun, check_inputs, concept_name, custom_prompt_inputs, make_pairs,
                      progress_bar, r1_input, r2_input, sampling_inputs, settings_from, template_inputs,
                      validate_sampler)
 from .report import mask_summary, summary_line
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..fia_core import NeuronMask
-from ._interim import mask_warnings
+from ..fia_core import NeuronMask, mask_warnings
 
 
 def short_summary(mask: NeuronMask) -> dict:

@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from ..fia_core import normalize_concept
 from ..fia_core.prompts import PLACEHOLDERS, TEMPLATES, fill_placeholders
-from ._interim import normalize_concept
 
 log = logging.getLogger(__name__)
 

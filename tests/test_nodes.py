@@ -6,7 +6,6 @@ are compared with weights built by hand from the original, the LoRA diff and the
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def reference_columns(comfy, model, clip, pairs, steps, saliency_steps, cfg, see
             handles = [mods[k].register_forward_pre_hook(hook_for(k)) for k in keys]
             try:
                 latent = torch.zeros([1, 4, size // 8, size // 8])
-                noise = comfy.sample.prepare_noise(latent, seed, noise_inds=[i])
+                noise = comfy.sample.prepare_noise(latent, seed, noise_inds=[0])  # every prompt: one noise (issue 10)
                 pos = H.encode(clip, text)
                 neg = H.encode(clip, "")
                 comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=seed)
@@ -153,10 +152,10 @@ def test_batch_size_does_not_change_saliency(comfy, nodes, pack, tiny_sd15, tiny
 def test_identical_inputs_give_identical_masks(comfy, pack, nodes, tiny_sd15, tiny_clip):
     from_nodes = []
     for _ in range(2):
-        settings = pack.nodes.saliency_runner.SaliencySettings(**{k: v for k, v in SMALL.items() if k != "num_prompts"})
+        settings = pack.nodes.saliency.SaliencySettings(**{k: v for k, v in SMALL.items() if k != "num_prompts"})
         pairs = pack.fia_core.build_prompt_pairs("church", "objects", 4, SMALL["seed"])
-        sal, cached = pack.nodes.saliency_runner.concept_saliency(tiny_sd15, tiny_clip, "church", pairs, settings,
-                                                                  use_cache=False)
+        sal, cached, _ = pack.nodes.saliency.concept_saliency(tiny_sd15, tiny_clip, "church", pairs, settings,
+                                                             use_cache=False)
         assert not cached
         from_nodes.append(pack.fia_core.select_concept_mask(sal, 0.05))
     a, b = from_nodes
@@ -287,7 +286,7 @@ def test_interruption_mid_saliency_leaves_no_hooks_and_no_patches(comfy, pack, t
     import comfy.model_management as mm
 
     original = loaded_ffn2_weights(tiny_sd15)
-    runner = pack.nodes.saliency_runner
+    runner = pack.nodes.saliency
     settings = runner.SaliencySettings(**{k: v for k, v in SMALL.items() if k != "num_prompts"})
     pairs = pack.fia_core.build_prompt_pairs("cassette player", "objects", 4, 0)
     seen = []

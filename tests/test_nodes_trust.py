@@ -8,7 +8,6 @@ content, masks built on two checkpoints, damaged files) or come from ComfyUI's o
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -73,21 +72,6 @@ def assert_user_error(info, node: str, name: str | None = None):
     shown = shown_type(info.value)
     assert "/" not in shown and "\\" not in shown and H.PACK_DIR_NAME not in shown, shown
     return msg
-
-
-@contextlib.contextmanager
-def needs_core(pack, feature: str):
-    """INTERIM (drop at merge, with nodes/_interim.py): the block checks behaviour that the
-    wave-2 fia_core delivers. Until that fia_core is in the tree the block must fail
-    (reported as xfail); once ``fia_core.<feature>`` exists it must pass."""
-    if hasattr(pack.fia_core, feature):
-        yield
-        return
-    try:
-        yield
-    except (AssertionError, ValueError, pytest.fail.Exception) as e:
-        pytest.xfail(f"needs the wave-2 fia_core ({feature}): {str(e)[:200]}")
-    pytest.fail(f"passes without the wave-2 fia_core ({feature}): this test could not fail on today's code")
 
 
 # -- concept text (issue 11 item 2) ---------------------------------------------------------
@@ -299,9 +283,7 @@ def test_mask_that_prunes_nothing_says_so(comfy, pack, nodes, tiny_sd15, tiny_cl
     assert warnings and all(w in _logged(caplog) for w in warnings)
     ok = nodes["FIABuildConceptMask"].build(sal, 0.05)
     assert result(ok)[0].stats()["total_pruned"] > 0
-    # INTERIM: after the merge pack.fia_core.mask_warnings always exists
-    mask_warnings = getattr(pack.fia_core, "mask_warnings", None) or pack.nodes._interim.mask_warnings
-    assert _warnings(ok) == mask_warnings(result(ok)[0])  # what fia_core says about it, nothing else
+    assert _warnings(ok) == pack.fia_core.mask_warnings(result(ok)[0])  # what fia_core says about it, nothing else
     # a fused mask that prunes nothing: three copies of one mask, all kept as concept-agnostic
     mask = result(ok)[0]
     copies = [dataclasses.replace(mask, concepts=(c,)) for c in ("golf ball", "tennis ball", "ping-pong ball")]
@@ -373,11 +355,10 @@ def test_fuse_refuses_the_same_concept_from_two_inputs(comfy, pack, nodes, tiny_
     a = mask_of(nodes, tiny_sd15, tiny_clip, "golf ball")
     b = mask_of(nodes, tiny_sd15, tiny_clip, "Golf  Ball", seed=7)  # another node, another seed
     assert b.concepts == ("Golf Ball",)  # normalised by the saliency node
-    with needs_core(pack, "normalize_concept"):
-        with pytest.raises(ValueError) as e:
-            nodes["FIAFuseMasks"].fuse(a, 0.6, mask_2=b)
-        msg = assert_user_error(e, "FIAFuseMasks")
-        assert "golf ball" in msg and "Golf Ball" in msg
+    with pytest.raises(ValueError) as e:
+        nodes["FIAFuseMasks"].fuse(a, 0.6, mask_2=b)
+    msg = assert_user_error(e, "FIAFuseMasks")
+    assert "golf ball" in msg and "Golf Ball" in msg
 
 
 # -- error types ---------------------------------------------------------------------------

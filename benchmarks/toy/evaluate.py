@@ -577,7 +577,7 @@ def before_after_sheet(before, after, cfg: Config, forget, path: Path) -> None:
 #: What the method offers beyond the nodes' defaults, tried on the validation split
 #: (forgetting the first half): saliency mode, saliency window, r1, target layers.
 #: Target layers other than FFN2 are not exposed by the nodes; this uses the pack's own
-#: saliency runner (nodes/saliency_runner.py) with SaliencySettings(target=...).
+#: saliency runner (nodes/saliency.py) with SaliencySettings(target=...).
 EXPLORE = {
     "ffn2, fast, T=10/50 (nodes' default)": dict(target="ffn2", mode="fast"),
     "ffn2, exact (Eq. 1 with cosine)": dict(target="ffn2", mode="exact"),
@@ -600,7 +600,7 @@ def explore(cfg: Config, out_dir: Path = RESULTS, prefix: str = "toy", log_fn=pr
     torch.set_num_threads(cfg.threads)
     try:
         bench = Bench(cfg, log_fn)
-        runner = bench.pack.nodes.saliency_runner
+        runner = bench.pack.nodes.saliency
         adapter = bench.pack.nodes.comfy_adapter
         fia = bench.fia
         half = tuple(cfg.halves[0])
@@ -615,7 +615,7 @@ def explore(cfg: Config, out_dir: Path = RESULTS, prefix: str = "toy", log_fn=pr
             sal = {}
             for c in half:
                 pairs = fia.build_prompt_pairs(c, "objects", cfg.num_prompts, cfg.saliency_seed)
-                sal[c], _ = runner.concept_saliency(bench.model, bench.clip, c, pairs, settings)
+                sal[c] = runner.concept_saliency(bench.model, bench.clip, c, pairs, settings).saliency
             for r2 in EXPLORE_R2:
                 masks = [fia.select_concept_mask(sal[c], r2) for c in half]
                 for a in (alpha, None):
