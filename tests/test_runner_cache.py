@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 
 SET = dict(steps=4, saliency_steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", seed=7,
            width=64, height=64, mode="fast", batch_size=2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import comfy_harness as H
+from devkit import harness as H
 
 SET = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
            width=64, height=64, mode="fast", batch_size=3)
