@@ -290,16 +290,11 @@ def fresh_saliency_and_mask(pack, model, clip, concept: str = "golf ball", r2: f
                             num_prompts: int = 4, **settings):
     """(saliency, mask) of a fresh run, the disk cache bypassed (two models with equal
     weights, e.g. an fp8 file and its fp32 twin, would otherwise share one entry).
-    Goes through the pack's runner API, old (saliency_runner) or new (saliency)."""
-    nodes_pkg = pack.nodes
-    runner = getattr(nodes_pkg, "saliency", None) or nodes_pkg.saliency_runner
-    settings_mod = getattr(nodes_pkg, "saliency_settings", None) or nodes_pkg.saliency_runner
-    s = settings_mod.SaliencySettings(**{**SMALL_SALIENCY, **settings})
+    """
+    s = pack.nodes.saliency_settings.SaliencySettings(**{**SMALL_SALIENCY, **settings})
     pairs = pack.fia_core.build_prompt_pairs(concept, "objects", num_prompts, s.seed)
-    run = runner.concept_saliency(model, clip, concept, pairs, s, use_cache=False)
-    sal = run.saliency if hasattr(run, "saliency") else run[0]
-    select = getattr(pack.fia_core, "select_concept_mask", None)
-    mask = select(sal, r2) if select is not None else sal.select(r2=r2)
+    sal = pack.nodes.saliency.concept_saliency(model, clip, concept, pairs, s, use_cache=False).saliency
+    mask = pack.fia_core.select_concept_mask(sal, r2)
     return sal, mask
 
 

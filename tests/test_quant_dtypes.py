@@ -59,7 +59,7 @@ def test_half_precision_unet_whole_chain(comfy, pack, tiny_clip, dtype):
                 dtype, j, mask.stats()["total_pruned"])
     assert mask.stats()["total_pruned"] > 0 and j == 1.0
     original = stored_ffn2(model)
-    patched = pack.NODE_CLASS_MAPPINGS["FIAApplyMask"]().apply(model, mask, 1.0)[0]
+    patched = pack.NODE_CLASS_MAPPINGS["FIAApplyMask"]().apply(model, mask, 1.0)["result"][0]
     got = stored_ffn2(patched)
     for key, w in original.items():
         m = dense[key]
@@ -84,7 +84,7 @@ def test_patches_computed_in_fp16_zero_exactly(comfy, pack, tiny_sd15, tiny_clip
     monkeypatch.setitem(mm.LORA_COMPUTE_DTYPES, torch.device("cpu"), torch.float16)
     assert mm.lora_compute_dtype(torch.device("cpu")) == torch.float16
     try:
-        got = stored_ffn2(pack.NODE_CLASS_MAPPINGS["FIAApplyMask"]().apply(tiny_sd15, mask, 1.0)[0])
+        got = stored_ffn2(pack.NODE_CLASS_MAPPINGS["FIAApplyMask"]().apply(tiny_sd15, mask, 1.0)["result"][0])
         noop = tiny_sd15.clone()
         noop.add_patches({f"diffusion_model.{k}.weight": ("diff", (torch.zeros(dense[k].shape),)) for k in keys}, 1.0)
         ref = stored_ffn2(noop)
