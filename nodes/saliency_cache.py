@@ -40,7 +40,7 @@ import torch
 import folder_paths
 
 from .. import fia_core
-from ..fia_core import ConceptSaliency, PromptPair
+from ..fia_core import PromptPair
 from .comfy_adapter import model_type_name
 from .model_state import ModelIdentity, state_of, tensor_digest
 from .saliency_sampling import WRAPPER_KEY, EncodedPrompts
@@ -147,12 +147,9 @@ def digest(obj: Any, where: str = "") -> str:
 def _statistic_version() -> str:
     """Identity of the recorder's statistic: sigma_b's ddof, probed on two values (0 and 1:
     std 0.5 with ddof 0, 0.7071 with ddof 1), so entries of another ddof are never served."""
-    try:
-        moments = fia_core.saliency.RunningMoments()
-        moments.add(torch.tensor([[0.0], [1.0]]))
-        return f"std01={float(moments.std()[0]):.4f}"
-    except Exception:  # a recorder without RunningMoments: its declared ddof, if any
-        return f"ddof={getattr(fia_core.saliency, 'STD_DDOF', getattr(fia_core, 'STD_DDOF', '?'))}"
+    moments = fia_core.saliency.RunningMoments()
+    moments.add(torch.tensor([[0.0], [1.0]]))
+    return f"std01={float(moments.std()[0]):.4f}"
 
 
 def model_description(model) -> dict:
@@ -209,12 +206,8 @@ def _fast_saliency(concept, settings: SaliencySettings, layer_shapes, columns, w
                    identity: ModelIdentity):
     info = dict(prompts=tuple(pairs), architecture=identity.architecture, fingerprint=identity.fingerprint,
                 settings={"model_type": identity.model_type, **settings.as_dict()})
-    fast_type = getattr(fia_core, "FastSaliency", None)
-    if fast_type is not None:  # fia_core with one saliency type per mode
-        return fast_type(concept, settings.target, dict(layer_shapes), settings.saliency_steps, settings.r1,
-                         columns, weight_abs, **info)
-    return ConceptSaliency(concept, "fast", settings.target, dict(layer_shapes), settings.saliency_steps,
-                           settings.r1, columns=columns, weight_abs=weight_abs, **info)
+    return fia_core.FastSaliency(concept, settings.target, dict(layer_shapes), settings.saliency_steps, settings.r1,
+                                 columns, weight_abs, **info)
 
 
 def _validated(tensors: dict, meta: dict, key: str, layer_shapes: dict, steps: int) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ invariance, sampler refusal, the memory guard, resolution caps, non-finite setti
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import numpy as np
@@ -26,20 +25,6 @@ def pack(comfy):
 @pytest.fixture(scope="session")
 def runner(pack):
     return pack.nodes.saliency
-
-
-def installed_ddof(pack) -> int:
-    """sigma_b's ddof in the installed fia_core. DDOF-DEPENDENT: issue 10 makes it 0
-    (population std, the reference's); until core's change is merged the library uses 1.
-    The reference below is written with population std (ddof=0 default) and compared with
-    this ddof; once core's change is in, pin it to 0 here (lead: search DDOF-DEPENDENT)."""
-    sal = pack.fia_core.saliency
-    for name in ("STD_DDOF", "DDOF"):
-        if hasattr(sal, name):
-            return int(getattr(sal, name))
-    moments = sal.RunningMoments()  # no constant: probe the recorder's std on (0, 1)
-    moments.add(torch.tensor([[0.0], [1.0]]))
-    return 0 if abs(float(moments.std()[0]) - 0.5) < 1e-6 else 1
 
 
 def settings_of(runner, **kw):
@@ -119,7 +104,7 @@ def reference_columns(comfy, model, clip, pairs, steps, saliency_steps, cfg, see
 def test_shared_noise_matches_the_one_prompt_at_a_time_reference(comfy, pack, runner, tiny_sd15, tiny_clip):
     pairs = pairs_of(pack, "golf ball")
     sal = runner.run_concept_saliency(tiny_sd15, tiny_clip, "golf ball", pairs, settings_of(runner))
-    ddof = installed_ddof(pack)  # DDOF-DEPENDENT comparison (see installed_ddof)
+    ddof = 0  # sigma_b is the population std (the reference's)
     ref = reference_columns(comfy, tiny_sd15, tiny_clip, pairs, SET["steps"], SET["saliency_steps"], SET["cfg"],
                             SET["seed"], SET["width"], ddof=ddof)
     assert list(sal.columns) == list(ref)
@@ -157,7 +142,7 @@ def test_batch_size_does_not_change_results(comfy, pack, runner, tiny_sd15, tiny
     pairs = pairs_of(pack, "chain saw", n=5, seed=5)
     sals = {b: runner.run_concept_saliency(tiny_sd15, tiny_clip, "chain saw", pairs, settings_of(runner, batch_size=b))
             for b in (1, 2, 5)}
-    masks = {b: s.select(r2=0.05) for b, s in sals.items()}
+    masks = {b: pack.fia_core.select_concept_mask(s, 0.05) for b, s in sals.items()}
     for b in (2, 5):
         for key in sals[1].columns:
             torch.testing.assert_close(sals[b].columns[key], sals[1].columns[key], rtol=1e-5, atol=1e-6)
