@@ -54,11 +54,12 @@ WORKFLOW = REPO_ROOT / "example_workflows" / "FIA_before_after.json"
 #: triangle is not; "--forget cross,heart" erases neither (the two masks overlap, and with
 #: two concepts the concept-agnostic rule keeps every connection both select). The rest of
 #: the settings mirror the benchmark (20 euler steps, CFG 5; saliency: first 10 of 50
-#: steps, 8 prompt pairs).
+#: steps, the reference's full set of 30 prompt pairs).
 DEFAULTS = dict(forget=("cross", "triangle"), mode="exact", r1=0.05, r2=0.3, alpha=0.8, fusion="concept-agnostic",
-                steps=20, cfg=5.0, seed=42, images=4, saliency_schedule=50, saliency_steps=10, num_prompts=8)
+                steps=20, cfg=5.0, seed=42, images=4, saliency_schedule=50, saliency_steps=10, num_prompts=0,
+                saliency_batch=10)
 FAST = dict(concepts=("circle", "heart", "square"), images=2, steps=6, saliency_schedule=6, saliency_steps=3,
-            num_prompts=2)
+            num_prompts=2, saliency_batch=2)
 
 def nodes_of(prompt: dict, class_type: str) -> list[str]:
     return [nid for nid, n in prompt.items() if n["class_type"] == class_type]
@@ -90,7 +91,7 @@ def prepare(prompt: dict, opts: dict) -> dict:
         prompt[nid]["inputs"].update(concept=concept, template="objects", r1=opts["r1"], mode=opts["mode"],
                                      steps=opts["saliency_schedule"], saliency_steps=opts["saliency_steps"],
                                      cfg=opts["cfg"], width=8 * D.SIZE, height=8 * D.SIZE,
-                                     num_prompts=opts["num_prompts"], batch_size=opts["num_prompts"], seed=0)
+                                     num_prompts=opts["num_prompts"], batch_size=opts["saliency_batch"], seed=0)
     for nid in nodes_of(prompt, "FIABuildConceptMask"):
         prompt[nid]["inputs"]["r2"] = opts["r2"]
     for nid in nodes_of(prompt, "FIAFuseMasks"):

@@ -79,8 +79,8 @@ class Config:
     saliency_schedule: int = 50
     saliency_steps: int = 10
     saliency_cfg: float = 5.0
-    num_prompts: int = 8
-    saliency_batch: int = 8
+    num_prompts: int = 0  # the node's default: the reference's full pair set (30 places)
+    saliency_batch: int = 10
     saliency_seed: int = 0
     # forget sets: names of concepts
     singles: tuple = ("circle", "heart", "star")
@@ -405,7 +405,7 @@ def markdown(res: dict) -> str:
         f"({cfg['sampler']}/{cfg['scheduler']}, {cfg['sample_steps']} steps, CFG {cfg['cfg']}), judged by the toy classifier.",
         "",
         f"FIA settings: r1 = {cfg['r1']}, saliency from the first {cfg['saliency_steps']} of {cfg['saliency_schedule']} "
-        f"steps, {cfg['num_prompts']} prompt pairs per concept (template 'objects'); saliency mode "
+        f"steps, {cfg['num_prompts'] or 'all 30 (the reference set)'} prompt pairs per concept (template 'objects'); saliency mode "
         f"{res['chosen']['mode']}, r2 = {res['chosen']['r2']}, alpha = {res['chosen']['alpha']} (chosen on the "
         f"validation split: best H when forgetting half). Union = the same concept masks, fused by naive union. "
         f"Random = as many FFN2 connections per layer as FIA prunes, at random. FIA (paper defaults) = mode fast "
@@ -614,7 +614,7 @@ def explore(cfg: Config, out_dir: Path = RESULTS, prefix: str = "toy", log_fn=pr
                 mode=v["mode"], batch_size=cfg.saliency_batch, r1=v.get("r1", cfg.r1), target=v["target"])
             sal = {}
             for c in half:
-                pairs = fia.build_prompt_pairs(c, "objects", cfg.num_prompts, cfg.saliency_seed)
+                pairs = fia.build_prompt_pairs(c, "objects", cfg.num_prompts or None, cfg.saliency_seed)
                 sal[c] = runner.concept_saliency(bench.model, bench.clip, c, pairs, settings).saliency
             for r2 in EXPLORE_R2:
                 masks = [fia.select_concept_mask(sal[c], r2) for c in half]
