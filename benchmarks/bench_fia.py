@@ -37,7 +37,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics

@@ -31,7 +31,6 @@ import logging
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

@@ -146,7 +146,7 @@ class SaliencyRecorder:
         else:
             y = y[span]
             if bias is not None:
-                y = y - bias.to(y.dtype)
+                y = y - bias.to(y.device, y.dtype)  # lowvram may keep the bias elsewhere
             q = energy_statistic(x, y)
         if idx_c.numel():
             sides[CONCEPT].add(q.index_select(0, idx_c))

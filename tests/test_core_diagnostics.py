@@ -3,7 +3,6 @@ nothing, identical sources under different names, sources from different checkpo
 Masks are planted by hand, so what each must say is known."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

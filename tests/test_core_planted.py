@@ -10,7 +10,6 @@ and to the other rows with |W| ~ 0.02. Planted connections: {(i, j): j in J, i i
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
