@@ -2,7 +2,8 @@
 
 Re-exports the public names of :mod:`devkit.comfyui` (locating and importing ComfyUI,
 loading the pack), :mod:`devkit.zoo` (tiny models and helpers to run them) and
-:mod:`devkit.server` (ComfyServer, chromium_path), so a test reads ``H.tiny_sd15_model``,
+:mod:`devkit.server` (ComfyServer, chromium_path) and :mod:`devkit.saliency_reference`
+(the one-prompt-at-a-time reference, hook and call probes), so a test reads ``H.tiny_sd15_model``,
 ``H.encode``, ``H.sample``, ``H.ComfyServer``, ``H.load_pack``, ... Import the modules
 themselves where only one concern is needed (benchmarks and the demo do).
 """
@@ -14,6 +15,7 @@ from .comfyui import (  # noqa: F401
     installed_version, load_pack, pack_module_name, set_base_directory, use_cpu,
     version_tuple,
 )
+from .saliency_reference import hooks_left, node_result, reference_columns, unet_calls  # noqa: F401
 from .server import (  # noqa: F401
     PACK_DIR_NAME, TINY_MODELS_PACKAGE, ComfyServer, ComfyServerError, chromium_path,
     free_port, sd15_api_graph,

@@ -152,3 +152,15 @@ def tiny_vae(comfy):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(comfy, tmp_path_factory) -> Path:
     return H.save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "fia_tiny_sd15.safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack as ComfyUI loads it (its own copy of fia_core: pack.fia_core)."""
+    return H.load_pack()
+
+
+@pytest.fixture
+def nodes(pack):
+    """One fresh instance of every node class, by node ID."""
+    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from devkit import harness as H
+from devkit.saliency_reference import node_result as result
 from devkit import sd2
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
@@ -32,9 +33,6 @@ def pack(comfy):
     return H.load_pack()
 
 
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +54,6 @@ def build(arch: str):
     raise ValueError(arch)
 
 
-def result(out):
-    return out["result"] if isinstance(out, dict) else out
 
 
 def loaded_unet_state(model) -> dict[str, torch.Tensor]:

@@ -14,23 +14,16 @@ import pytest
 import torch
 
 from devkit import harness as H
+from devkit.saliency_reference import node_result as result, unet_calls, hooks_left, reference_columns
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
              width=64, height=64, mode="fast", batch_size=2, num_prompts=4)
 
 
-@pytest.fixture(scope="session")
-def pack(comfy):
-    return H.load_pack()
 
 
-@pytest.fixture
-def nodes(pack):
-    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
-def result(out):
-    return out["result"] if isinstance(out, dict) else out
 
 
 def saliency_of(nodes, model, clip, concept="golf ball", **kw):
@@ -42,11 +35,6 @@ def mask_of(nodes, model, clip, concept="golf ball", r2=0.05, **kw):
     return result(nodes["FIABuildConceptMask"].build(saliency_of(nodes, model, clip, concept, **kw), r2))[0]
 
 
-def unet_calls(model):
-    """Counts diffusion-model forward calls on the shared module."""
-    count = {"n": 0}
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda *a: count.__setitem__("n", count["n"] + 1))
-    return count, handle
 
 
 def loaded_ffn2_weights(model) -> dict[str, torch.Tensor]:
@@ -56,70 +44,15 @@ def loaded_ffn2_weights(model) -> dict[str, torch.Tensor]:
     return {k: m.weight.detach().float().cpu().clone() for k, m in H.ffn2_modules(model).items()}
 
 
-def hooks_left(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.model.diffusion_model.modules())
 
 
 # -- saliency: batched, cond-only, sigma-stepped vs a one-prompt-at-a-time reference ------
 
-def reference_columns(comfy, model, clip, pairs, steps, saliency_steps, cfg, seed, size):
-    """Eq. 2 (fast statistic) by the slow route: every prompt alone, full-length sampling,
-    step = call order, conditional rows picked by the model_function_wrapper's list."""
-    import comfy.sample
-
-    keys = [k[len("diffusion_model."):-len(".weight")] for k in H.ffn2_keys(model)]
-    mods = dict(model.model.diffusion_model.named_modules())
-    per_prompt: dict[str, list] = {"concept": [], "base": []}
-    for i, pair in enumerate(pairs):
-        for side, text in (("concept", pair.concept_prompt), ("base", pair.base_prompt)):
-            records = []  # per model call: {key: [rows, C_in] of cond rows}
-            state = {"cond_rows": None}
-
-            def wrapper(apply_model, args):
-                chunks = args["cond_or_uncond"]
-                n = args["input"].shape[0] // len(chunks)
-                state["cond_rows"] = [r for c, kind in enumerate(chunks) for r in range(c * n, (c + 1) * n) if kind == 0]
-                records.append({})
-                return apply_model(args["input"], args["timestep"], **args["c"])
-
-            def hook_for(key):
-                def hook(mod, inp):
-                    x = inp[0].detach().double().numpy()[state["cond_rows"]]
-                    records[-1][key] = x
-                return hook
-
-            m = model.clone()
-            m.set_model_unet_function_wrapper(wrapper)
-            handles = [mods[k].register_forward_pre_hook(hook_for(k)) for k in keys]
-            try:
-                latent = torch.zeros([1, 4, size // 8, size // 8])
-                noise = comfy.sample.prepare_noise(latent, seed, noise_inds=[0])  # every prompt: one noise (issue 10)
-                pos = H.encode(clip, text)
-                neg = H.encode(clip, "")
-                comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=seed)
-            finally:
-                for h in handles:
-                    h.remove()
-            assert len(records) == steps  # euler: one model call per step, cond+uncond batched
-            per_prompt[side].append(records[:saliency_steps])
-    out = {}
-    for key in keys:
-        cols = []
-        for t in range(saliency_steps):
-            def q(rec):
-                x = rec[t][key][0]  # [tokens, C_in], the single conditional row
-                xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-                return np.sqrt((xn ** 2).sum(0))
-            qc = np.stack([q(r) for r in per_prompt["concept"]])
-            qb = np.stack([q(r) for r in per_prompt["base"]])
-            cols.append(np.maximum(0, qc.mean(0) - qb.mean(0) - qb.std(0, ddof=0)))
-        out[key] = np.stack(cols)
-    return out
 
 
 def test_saliency_matches_one_prompt_at_a_time_reference(comfy, nodes, pack, tiny_sd15, tiny_clip):
     sal = saliency_of(nodes, tiny_sd15, tiny_clip)
-    ref = reference_columns(comfy, tiny_sd15, tiny_clip, list(sal.prompts), SMALL["steps"], SMALL["saliency_steps"],
+    ref = reference_columns(tiny_sd15, tiny_clip, list(sal.prompts), SMALL["steps"], SMALL["saliency_steps"],
                             SMALL["cfg"], SMALL["seed"], SMALL["width"])
     assert list(sal.columns) == list(ref)
     for key, expected in ref.items():

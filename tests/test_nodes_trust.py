@@ -17,24 +17,17 @@ import pytest
 import torch
 
 from devkit import harness as H
+from devkit.saliency_reference import node_result as result, hooks_left
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
              width=64, height=64, mode="fast", batch_size=2, num_prompts=4)
 FORGET = dict(template="objects", r1=0.05, r2=0.05, alpha=0.6, strength=1.0, **SMALL)
 
 
-@pytest.fixture(scope="session")
-def pack(comfy):
-    return H.load_pack()
 
 
-@pytest.fixture
-def nodes(pack):
-    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
-def result(out):
-    return out["result"] if isinstance(out, dict) else out
 
 
 def saliency_of(nodes, model, clip, concept="golf ball", **kw):
@@ -51,8 +44,6 @@ def forget(nodes, model, clip, concepts, **kw):
                                              args.pop("r2"), args.pop("alpha"), args.pop("strength"), **args)
 
 
-def hooks_left(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.model.diffusion_model.modules())
 
 
 def shown_type(error: BaseException) -> str:

@@ -17,9 +17,6 @@ from devkit import quant_models as QM
 
 log = logging.getLogger(__name__)
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return H.load_pack()
 
 
 def mask_of(pack, model, clip, concept="golf ball", r2=0.05):

@@ -29,9 +29,6 @@ CONCEPT = "golf ball"
 R2 = 0.05
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return H.load_pack()
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from devkit import harness as H
+from devkit.saliency_reference import unet_calls
 
 SET = dict(steps=4, saliency_steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", seed=7,
            width=64, height=64, mode="fast", batch_size=2)
 
 
-@pytest.fixture(scope="session")
-def pack(comfy):
-    return H.load_pack()
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +28,6 @@ def run(pack, runner, model, clip, concept="golf ball", use_cache=True, **kw):
     return runner.concept_saliency(model, clip, concept, pairs, settings, use_cache=use_cache)
 
 
-def unet_calls(model):
-    count = {"n": 0}
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda *a: count.__setitem__("n", count["n"] + 1))
-    return count, handle
 
 
 def assert_same_columns(a, b):

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from devkit import harness as H
+from devkit.saliency_reference import unet_calls, hooks_left, reference_columns
 
 SET = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
            width=64, height=64, mode="fast", batch_size=3)
 
 
-@pytest.fixture(scope="session")
-def pack(comfy):
-    return H.load_pack()
 
 
 @pytest.fixture(scope="session")
@@ -35,77 +33,18 @@ def pairs_of(pack, concept, n=4, seed=0):
     return pack.fia_core.build_prompt_pairs(concept, "objects", n, seed)
 
 
-def unet_calls(model):
-    count = {"n": 0}
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda *a: count.__setitem__("n", count["n"] + 1))
-    return count, handle
 
 
-def hooks_left(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.model.diffusion_model.modules())
 
 
 # -- the reference: written from the method page ---------------------------------------
-def reference_columns(comfy, model, clip, pairs, steps, saliency_steps, cfg, seed, size, ddof=0):
-    """Eq. 2 (fast statistic) by the slow route: every prompt alone, as KSampler runs a batch
-    of one (prepare_noise on a one-row latent: noise index 0 for every prompt), full-length
-    sampling, step = call order, conditional rows from the unet wrapper's cond_or_uncond;
-    sigma_b with ``ddof`` (0 = population std, the reference's)."""
-    import comfy.sample
-
-    keys = [k[len("diffusion_model."):-len(".weight")] for k in H.ffn2_keys(model)]
-    mods = dict(model.model.diffusion_model.named_modules())
-    per_prompt: dict[str, list] = {"concept": [], "base": []}
-    for pair in pairs:
-        for side, text in (("concept", pair.concept_prompt), ("base", pair.base_prompt)):
-            records: list[dict] = []
-            state = {"cond_rows": None}
-
-            def wrapper(apply_model, args):
-                chunks = args["cond_or_uncond"]
-                n = args["input"].shape[0] // len(chunks)
-                state["cond_rows"] = [r for c, kind in enumerate(chunks) for r in range(c * n, (c + 1) * n) if kind == 0]
-                records.append({})
-                return apply_model(args["input"], args["timestep"], **args["c"])
-
-            def hook_for(key):
-                def hook(mod, inp):
-                    records[-1][key] = inp[0].detach().double().numpy()[state["cond_rows"]]
-                return hook
-
-            m = model.clone()
-            m.set_model_unet_function_wrapper(wrapper)
-            handles = [mods[k].register_forward_pre_hook(hook_for(k)) for k in keys]
-            try:
-                latent = torch.zeros([1, 4, size // 8, size // 8])
-                noise = comfy.sample.prepare_noise(latent, seed)  # KSampler, batch of one
-                comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", H.encode(clip, text), H.encode(clip, ""),
-                                    latent, disable_pbar=True, seed=seed)
-            finally:
-                for h in handles:
-                    h.remove()
-            assert len(records) == steps
-            per_prompt[side].append(records[:saliency_steps])
-    out = {}
-    for key in keys:
-        cols = []
-        for t in range(saliency_steps):
-            def q(rec):
-                x = rec[t][key][0]
-                xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-                return np.sqrt((xn ** 2).sum(0))
-            qc = np.stack([q(r) for r in per_prompt["concept"]])
-            qb = np.stack([q(r) for r in per_prompt["base"]])
-            cols.append(np.maximum(0, qc.mean(0) - qb.mean(0) - qb.std(0, ddof=ddof)))
-        out[key] = np.stack(cols)
-    return out
 
 
 def test_shared_noise_matches_the_one_prompt_at_a_time_reference(comfy, pack, runner, tiny_sd15, tiny_clip):
     pairs = pairs_of(pack, "golf ball")
     sal = runner.run_concept_saliency(tiny_sd15, tiny_clip, "golf ball", pairs, settings_of(runner))
     ddof = 0  # sigma_b is the population std (the reference's)
-    ref = reference_columns(comfy, tiny_sd15, tiny_clip, pairs, SET["steps"], SET["saliency_steps"], SET["cfg"],
+    ref = reference_columns(tiny_sd15, tiny_clip, pairs, SET["steps"], SET["saliency_steps"], SET["cfg"],
                             SET["seed"], SET["width"], ddof=ddof)
     assert list(sal.columns) == list(ref)
     for key, expected in ref.items():
@@ -129,7 +68,7 @@ def reference_columns_old_noise(comfy, model, clip, pairs, ddof):
 
     comfy.sample.prepare_noise = per_pair
     try:
-        return reference_columns(comfy, model, clip, pairs, SET["steps"], SET["saliency_steps"], SET["cfg"],
+        return reference_columns(model, clip, pairs, SET["steps"], SET["saliency_steps"], SET["cfg"],
                                  SET["seed"], SET["width"], ddof=ddof)
     finally:
         comfy.sample.prepare_noise = original

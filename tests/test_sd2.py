@@ -13,20 +13,15 @@ import pytest
 import torch
 
 from devkit import harness as H
+from devkit.saliency_reference import node_result as result
 from devkit import sd2
 
 SMALL = dict(steps=6, saliency_steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", seed=3,
              width=64, height=64, mode="fast", batch_size=2, num_prompts=4)
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return H.load_pack()
 
 
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +39,6 @@ def sd2_clip(_sd2_base):
     return _sd2_base[1].clone()
 
 
-def result(out):
-    return out["result"] if isinstance(out, dict) else out
 
 
 def ffn2_names(model) -> list[str]:
