@@ -212,7 +212,7 @@ class Study:
                    "settings": {k: getattr(settings, k) for k in ("steps", "saliency_steps", "cfg", "sampler_name",
                                                                   "scheduler", "seed", "width", "height")}}
         h.update(json.dumps(payload, sort_keys=True).encode())
-        h.update(Path(self.ref.__file__).read_bytes())
+        h.update(reference_source(self.ref).encode())
         return h.hexdigest()[:32]
 
     def run_model(self, name: str) -> dict:
@@ -282,6 +282,17 @@ class Study:
         out["pack"] = {k: pack_cost[k] for k in ("unet_rows", "unet_calls", "seconds", "selected")}
         out["pack_over_reference_rows"] = pack_cost["unet_rows"] / out["reference"]["unet_rows"]
         return out
+
+
+def reference_source(ref) -> str:
+    """The source of what the reference procedure computes (its saliency and the dense Eq.
+    3-6; not the import of the shared rounding helper), part of the reference cache key."""
+    import inspect
+
+    names = ("_contrast", "comfy_sample_one", "reference_saliency", "straightforward_kth_largest",
+             "straightforward_top_k_flat", "straightforward_top_k_rows", "straightforward_sensitivity",
+             "straightforward_select", "straightforward_fast_mode", "straightforward_masks")
+    return "\n".join(inspect.getsource(getattr(ref, n)) for n in names)
 
 
 # --------------------------------------------------------------------------- figures
@@ -362,6 +373,12 @@ def render_markdown(res: dict) -> str:
                         for n in names)
         secs = "".join(f" {models[n]['table'][c]['seconds']:.1f} |" for n in names)
         lines.append(f"| {label} |{cells} {row['unet_rows']:.0f} |{secs}")
+    st = res["settings"]
+    lines += ["", f"UNet rows per concept do not depend on the model: 2 (CFG) x 2 n prompts x {st['saliency_steps']} "
+              f"window steps = {4 * st['saliency_steps']} n for the pack; the reference procedure evaluates 2 (CFG) x 60 "
+              f"prompts x {st['steps']} steps = {4 * 30 * st['steps']} rows per concept. Seconds at full size (SD1.5, "
+              "512 x 512) are not measured here; see the full-size benchmark (benchmarks/fullsize.py) for seconds per "
+              "UNet row there."]
     rec = res["recommendation"]
     lines += ["", f"**Recommended default num_prompts: {rec['num_prompts']}** ({rec['rule']}). "
               f"With the mean instead of the minimum the rule would give {rec['by_mean_instead_of_min']}.", ""]
