@@ -4,19 +4,20 @@ procedure and against the bare UNet evaluations, in one run on one model; mask b
 and fusion on SD1.5's real FFN2 shapes; applying a fused mask; re-running with only
 r2 / alpha / strength changed.
 
-    $PY benchmarks/bench_fia.py                          # CPU, SD1.x-shaped model (~17 min, 1 thread)
-    $PY benchmarks/bench_fia.py --smoke --out /tmp/fia  # seconds: checks that everything runs
-    $PY benchmarks/bench_fia.py --device cuda --full-size   # full SD1.5 UNet (random weights) on a GPU
+    $PY -m benchmarks.bench_fia                          # CPU, SD1.x-shaped model (~17 min, 1 thread)
+    $PY -m benchmarks.bench_fia --smoke --out /tmp/fia  # seconds: checks that everything runs
+    $PY -m benchmarks.bench_fia --device cuda --full-size   # SD1.5 checkpoint (random weights, devkit/fullsize.py) on a GPU
 
-$PY is the test environment's python (tests/setup_env.sh prints it). Results are printed
+$PY is the test environment's python (tests/setup_env.sh prints it); run from the
+repository root. Results are printed
 as a table and written to --out (default benchmarks/results/) as <name>.json and
 <name>.md, name = <device>-<config> (cpu-small, cuda-full, ...).
 
 What is measured, side by side and interleaved (repeat r runs pack, reference and bare on
 the same concept, rotating their order), medians over the repeats:
-(a) pack: nodes.saliency_runner.run_concept_saliency (only the first saliency_steps of
+(a) pack: nodes.saliency.run_concept_saliency (only the first saliency_steps of
     the schedule are sampled, prompt pairs batched, hooks keep per-column statistics on
-    the device) and ConceptSaliency.select (rank-one Eq. 3-6 on sorted columns of |W|);
+    the device) and select_concept_mask (rank-one Eq. 3-6 on sorted columns of |W|);
 (b) reference: benchmarks/reference_fia.py, a re-implementation of the published
     procedure: full-length sampling, one prompt at a time, a CPU copy of the activation
     in every hook call, dense Eq. 3-6;
@@ -25,7 +26,7 @@ the same concept, rotating their order), medians over the repeats:
 UNet evaluations are counted by a forward pre-hook on the diffusion model (calls and batch
 rows). Peak memory: resident-set growth sampled every 2 ms (CPU) or
 torch.cuda.max_memory_allocated (GPU), above the level at the start of the measurement.
-Models have random weights (ComfyUI's own classes, tests/comfy_harness.fill_weights_);
+Models have random weights (ComfyUI's own classes, devkit.zoo.fill_weights_);
 the timings do not depend on the weights.
 """
 from __future__ import annotations
@@ -40,15 +41,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # comfy_harness
-sys.path.insert(0, str(REPO))  # benchmarks.reference_fia, fia_core (the reference's rounding helper)
+from devkit import comfyui, zoo
+from devkit.comfyui import REPO_ROOT as REPO
 
 PAPER_SECONDS_PER_CONCEPT = 11.28  # SD v1.5 on an A6000 (fia-method.md)
 PAPER_PEAK_GB = 2.95
@@ -230,13 +229,11 @@ class Bench:
                 self.cfg[opt] = getattr(args, opt)
         self.device = args.device
         if self.device == "cuda":
-            os.environ["FIA_TEST_GPU"] = "1"  # comfy_harness: let ComfyUI use the GPU
+            os.environ["FIA_TEST_GPU"] = "1"  # devkit.comfyui: let ComfyUI use the GPU
         _fixed_mmap_threshold()
-        import comfy_harness as H
-
-        self.H = H
+        self.H = zoo
         self.tmp = tempfile.TemporaryDirectory(prefix="fia_bench_")
-        self.ns = H.import_comfy(self.tmp.name)
+        self.ns = comfyui.import_comfy(self.tmp.name)
         import torch
 
         self.torch = torch
@@ -249,12 +246,13 @@ class Bench:
         if threads:
             torch.set_num_threads(threads)
         self.ns.comfy.utils.PROGRESS_BAR_ENABLED = False
-        pack = H.load_pack()
-        name = pack.__name__
-        self.runner = sys.modules[f"{name}.nodes.saliency_runner"]
-        self.adapter = sys.modules[f"{name}.nodes.comfy_adapter"]
-        self.core = sys.modules[f"{name}.fia_core"]
-        self.rank_one = sys.modules[f"{name}.fia_core.rank_one"]
+        pack = comfyui.load_pack()
+        self.runner = pack.nodes.saliency
+        self.sampling = pack.nodes.saliency_sampling
+        self.adapter = pack.nodes.comfy_adapter
+        self.core = pack.fia_core
+        self.rank_one = pack.fia_core.rank_one
+        self.neurons = pack.fia_core.neurons
         self.node_classes = pack.NODE_CLASS_MAPPINGS
         from benchmarks import reference_fia
 
@@ -266,6 +264,14 @@ class Bench:
         H, torch = self.H, self.torch
         if self.cfg["unet"] is None:
             return H.tiny_sd15_model(seed=0), H.tiny_clip(seed=1)
+        if self.config_name == "full":
+            # the real-format SD1.5 file of devkit/fullsize.py (random weights, fp16, full
+            # CLIP-L), loaded and detected by ComfyUI as a user's checkpoint would be
+            import comfy.sd
+            from devkit import fullsize
+
+            model, clip = comfy.sd.load_checkpoint_guess_config(str(fullsize.ensure_checkpoint("sd15")))[:2]
+            return model, clip
         import comfy.model_management as mm
         import comfy.model_patcher
         import comfy.supported_models as sm
@@ -285,21 +291,12 @@ class Bench:
     def build_clip(self, hidden: int):
         """An SD1 CLIP (real tokenizer) of the given width with 2 layers: conditioning of
         SD1.5's shape at a fraction of CLIP-L's encoding cost (not part of the UNet counts)."""
-        import comfy.sd
         import comfy.sd1_clip as sd1_clip
-        from comfy.supported_models_base import ClipTarget
 
         config = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": 2,
                   "num_attention_heads": max(1, hidden // 64), "projection_dim": hidden}
-
-        class BenchClipModel(sd1_clip.SD1ClipModel):
-            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-                model_options = {**model_options, "clip_l_model_config": dict(config)}
-                super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
-
-        clip = comfy.sd.CLIP(ClipTarget(sd1_clip.SD1Tokenizer, BenchClipModel), parameters=30_000_000)
-        self.H.fill_weights_(clip.cond_stage_model, 1)
-        return clip
+        return zoo.make_clip(zoo.clip_model_class("BenchClipModel", config), sd1_clip.SD1Tokenizer,
+                             seed=1, parameters=30_000_000)
 
     def settings(self):
         c = self.cfg
@@ -317,21 +314,18 @@ class Bench:
         """The pack's sampling calls (same batches, same window), without any hook."""
         import comfy.sample
 
-        r = self.runner
-        enc_c = [r._encode(clip, p.concept_prompt) for p in pairs]
-        enc_b = [r._encode(clip, p.base_prompt) for p in pairs]
-        negative = [list(r._encode(clip, ""))]
-        encoded = {r.CONCEPT: enc_c, r.BASE: enc_b}
-        h = w = settings.height // 8
-        batches = r._row_batches(enc_c, enc_b, 2 * r.memory_bounded_pairs(model, settings.batch_size, h, w))
+        r = self.sampling
+        prompts = r.EncodedPrompts.of(clip, pairs)
+        batches = r.row_batches(prompts, 2 * settings.batch_size)
+        noise_row = r.shared_noise(model, settings)
         with Timer(self.device) as timer:
             for batch in batches:
-                positive = r._batch_conditioning([encoded[side][i] for side, i in batch])
-                latent = comfy.sample.fix_empty_latent_channels(model, self.torch.zeros([len(batch), 4, h, w]))
-                noise = comfy.sample.prepare_noise(latent, settings.seed, noise_inds=[i for _, i in batch])
+                positive = r.batch_conditioning([prompts.row(row) for row in batch])
+                latent = self.torch.zeros((len(batch),) + tuple(noise_row.shape[1:]))
+                noise = noise_row.expand(len(batch), *noise_row.shape[1:]).contiguous()
                 comfy.sample.sample(model, noise, settings.steps, settings.cfg, settings.sampler_name,
-                                    settings.scheduler, positive, negative, latent, denoise=1.0, start_step=0,
-                                    last_step=settings.saliency_steps, force_full_denoise=False,
+                                    settings.scheduler, positive, [list(prompts.negative)], latent, denoise=1.0,
+                                    start_step=0, last_step=settings.saliency_steps, force_full_denoise=False,
                                     disable_pbar=True, seed=settings.seed)
         return timer.seconds
 
@@ -377,7 +371,7 @@ class Bench:
                         with Timer(self.device) as t_sal:
                             sal = self.run_pack(model, clip, concept, pairs, settings if proc == "pack" else settings_1pair)
                         with Timer(self.device) as t_mask:
-                            mask = sal.select(r2=R2)
+                            mask = self.core.select_concept_mask(sal, R2)
                         masks[proc] = {k: l.indices for k, l in mask.layers.items()}
                         if proc == "pack":
                             kept = sal
@@ -485,7 +479,7 @@ class Bench:
         for i, cols in enumerate(all_cols):
             _trim()
             with PeakMemory("cpu") as mem, Timer("cpu") as t:
-                layers = {k: self.core.LayerMask(shapes[k], rank_one.select_fast_mode(shared, k, cols[k], R1, R2))
+                layers = {k: self.core.LayerMask(shapes[k], self.neurons.fast_layer_indices(shared, k, cols[k], R1, R2))
                           for k in shapes}
             times.append(t.seconds)
             peaks.append(mem.peak)
@@ -535,7 +529,7 @@ class Bench:
         masks = []
         for i in range(2):
             cols = self.synthetic_columns(shapes, 100 + i, self.cfg["saliency_steps"])
-            layers_m = {k: self.core.LayerMask(shapes[k], self.rank_one.select_fast_mode(weight_abs, k, cols[k], R1, R2))
+            layers_m = {k: self.core.LayerMask(shapes[k], self.neurons.fast_layer_indices(weight_abs, k, cols[k], R1, R2))
                         for k in shapes}
             masks.append(self.core.ConceptMask((f"c{i}",), "ffn2", layers_m,
                                                fingerprint=weight_abs.fingerprint))
@@ -639,7 +633,7 @@ class Bench:
         torch = self.torch
         env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": self.device,
-               "comfyui": self.H.COMFYUI_VERSION, "config": self.config_name}
+               "comfyui": self.ns.version or comfyui.COMFYUI_VERSION, "config": self.config_name}
         with contextlib.suppress(OSError):
             for line in open("/proc/cpuinfo"):
                 if line.startswith("model name"):
@@ -758,7 +752,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and shapes: checks that everything runs (seconds)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--full-size", action="store_true", help="SD1.5's full UNet (random weights) at 512x512")
+    ap.add_argument("--full-size", action="store_true", help="SD1.5 at 512x512: the random-weight real-format checkpoint of devkit/fullsize.py")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for <name>.json and <name>.md")
     ap.add_argument("--repeats", type=int, default=0, help="saliency repeats (default: 3, smoke 1)")
     ap.add_argument("--pairs", type=int, default=0, help="prompt pairs per concept (default: 4 small, 8 full)")

@@ -29,7 +29,7 @@ import torch
 
 # --------------------------------------------------------------------------- Eq. 3-6, dense
 def top_fraction_count(ratio: float, count: int) -> int:
-    from fia_core.neurons import top_fraction_count as count_of  # one definition of the rounding
+    from fia_core.counting import top_fraction_count as count_of  # one definition of the rounding
 
     return count_of(ratio, count)
 

@@ -2,20 +2,30 @@
 
 s_ij counts the concepts whose mask selects connection (i, j). Connections selected by
 at least tau_ca concepts serve many concepts (concept-agnostic) and are kept; the rest
-of the selected ones are pruned. tau_ca = max(2, ceil(alpha * C)): a connection can only
-be agnostic if at least two concepts share it, so a single concept is pruned (the
-reference code's ceil(alpha * C) keeps everything when C = 1). alpha=None gives the naive
-union (prune every selected connection) for comparison.
+of the selected ones are pruned. tau_ca = max(3, ceil(alpha * C)):
+- C = 1: the reference code's ceil(alpha * C) = 1 would keep every selected connection
+  and prune nothing; here the single concept's mask is pruned whole.
+- C = 2: with only two concepts there is no evidence that a shared connection is
+  agnostic (two related or duplicate concepts would cancel out), so tau_ca = 3 > C and
+  the fused mask is the union of the two concept masks.
+- C >= 3: a connection is agnostic only if at least three concepts select it; for
+  C >= 5 at the paper's alpha (0.6, 0.8) this is the paper's ceil(alpha * C).
+alpha=None gives the naive union (prune every selected connection) for comparison.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 from typing import Sequence
 
 import torch
 
+from .concepts import concept_key, normalize_concept
 from .masks import ConceptMask, FusedMask, LayerMask, NeuronMask
+
+#: the fewest concepts that must share a connection for it to count as concept-agnostic
+MIN_AGNOSTIC = 3
 
 
 def agnostic_threshold(alpha: float | None, num_concepts: int) -> int | None:
@@ -24,7 +34,7 @@ def agnostic_threshold(alpha: float | None, num_concepts: int) -> int | None:
         return None
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    return max(2, math.ceil(Fraction(repr(float(alpha))) * num_concepts))
+    return max(MIN_AGNOSTIC, math.ceil(Fraction(repr(float(alpha))) * num_concepts))
 
 
 def concept_masks_of(masks: Sequence[NeuronMask]) -> list[ConceptMask]:
@@ -60,25 +70,60 @@ def selection_counts(index_sets: Sequence[torch.Tensor], numel: int) -> tuple[to
     return uniq, counter[uniq].long()
 
 
-@torch.no_grad()
-def fuse_masks(masks: Sequence[NeuronMask], alpha: float | None = 0.6) -> FusedMask:
-    """The fused prune mask (Eq. 7-8) of several concept masks (or fused masks, re-fused
-    from their sources). Works on sparse indices: no dense tensor is built."""
-    sources = concept_masks_of(masks)
-    if not sources:
-        raise ValueError("fuse_masks needs at least one mask")
+UNNAMED = "unnamed concept {}"
+
+
+def named_sources(sources: Sequence[ConceptMask]) -> list[ConceptMask]:
+    """The sources with every empty name replaced by "unnamed concept k" (the smallest k
+    not already taken), so that masks built by the library without a concept name fuse."""
+    taken = {concept_key(m.concepts[0]) for m in sources}
+    out, k = [], 1
+    for m in sources:
+        if not normalize_concept(m.concepts[0]):
+            while concept_key(UNNAMED.format(k)) in taken:
+                k += 1
+            taken.add(concept_key(UNNAMED.format(k)))
+            m = replace(m, concepts=(UNNAMED.format(k),))
+        out.append(m)
+    return out
+
+
+def check_sources(sources: Sequence[ConceptMask]) -> None:
+    """Refuse one concept twice (normalised names compared ignoring case; the message
+    names both spellings) and masks of other layers."""
     first = sources[0]
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for m in sources:
         name = m.concepts[0]
-        if name in seen:
-            raise ValueError(f"concept {name!r} appears twice among the masks to fuse")
-        seen.add(name)
+        other = seen.get(concept_key(name))
+        if other is not None:
+            raise ValueError(
+                f"'{other}' and '{name}' are the same concept (names are compared ignoring case, spacing "
+                "and invisible characters): fuse each concept once"
+            )
+        seen[concept_key(name)] = name
         if m.target != first.target or m.layer_shapes != first.layer_shapes:
             raise ValueError(
                 f"masks for {first.concepts[0]!r} and {name!r} were built on different layers "
                 f"({first.target}, {len(first.layers)} layers vs {m.target}, {len(m.layers)} layers)"
             )
+
+
+@torch.no_grad()
+def fuse_masks(masks: Sequence[NeuronMask], alpha: float | None = 0.6) -> FusedMask:
+    """The fused prune mask (Eq. 7-8) of several concept masks (or fused masks, re-fused
+    from their sources). Works on sparse indices: no dense tensor is built.
+
+    Unnamed concept masks (concept "") are named "unnamed concept 1", "2", ... in the
+    fused mask. The fused mask keeps every source with its fingerprint; its own
+    fingerprint is the sources' common one, or "" when they differ
+    (diagnostics.mask_warnings reports that).
+    """
+    sources = named_sources(concept_masks_of(masks))
+    if not sources:
+        raise ValueError("fuse_masks needs at least one mask")
+    check_sources(sources)
+    first = sources[0]
     tau = agnostic_threshold(alpha, len(sources))
     pruned: dict[str, LayerMask] = {}
     agnostic: dict[str, torch.Tensor] = {}

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .targets import describe_architecture
+
 
 @dataclass(frozen=True)
 class LayerMask:
@@ -145,8 +147,6 @@ def apply_mask_to_weight(
 
 def check_mask_matches(mask: NeuronMask, shapes: Mapping[str, tuple[int, int]], target: str) -> None:
     """Raise ValueError when ``mask`` cannot apply to layers of these shapes."""
-    from .targets import describe_architecture  # local: avoids an import cycle at load
-
     wanted = {k: tuple(v) for k, v in shapes.items()}
     if mask.target != target or dict(mask.layer_shapes) != wanted:
         built = mask.params.get("model_type", "")

@@ -3,7 +3,9 @@
 Gives exactly the indices of neurons.select_from_sensitivity applied to the Eq. 3
 sensitivity integrated one dense step at a time (tests/test_perf_equivalence.py), without
 any layer-size pass per concept: each column of |W| is sorted once per model and shared
-by every concept (SharedAbsWeights).
+by every concept (SharedAbsWeights). An optional fast path for the CPU (on a GPU the
+dense definition is faster): neurons.select_concept_mask decides where it runs. Depends
+only on the counting helpers.
 
 Within one column j every S_t[:, j] = fl(|W|[:, j] * s_tj) is a monotone function of
 |W|[:, j] (IEEE rounding is monotone), and so are the running sum of Eq. 3 and the hit
@@ -23,105 +25,22 @@ layer-size pass per concept:
   largest, all of which are in E.
 Any condition the argument relies on that fails at run time (non-finite values, a bound
 check) makes select_rank_one return None, and callers run the dense path instead.
+
+It is a few hundred small ops per layer; on a CPU shared with other processes OpenMP's
+fork/join per op can cost more than the op. The process's thread setting is left alone
+(never change process-wide settings inside ComfyUI): the caller decides the threads.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Mapping
 
 import torch
 
-from .neurons import _SAMPLE, SensitivityIntegrator, select_from_sensitivity, top_fraction_count
+from .column_order import ColumnOrder, SharedAbsWeights, column_order_of  # noqa: F401 (re-exported for callers)
+from .counting import top_fraction_count
 
 _F32_INF_BITS = 0x7F800000
 _REL_SLACK_ULPS = 8  # extra float32 roundings allowed for in the A bounds, beyond T + 4
-
-
-def _sort_columns(w: torch.Tensor, row_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every column of ``w`` sorted ascending: values [C_in, C_out] and their rows."""
-    wt = w.t().contiguous()
-    if wt.device.type == "cpu":
-        try:  # numpy's vectorised sort is 2-3x faster than torch.sort on CPU
-            import numpy as np
-
-            a = wt.numpy()
-            rows = np.argsort(a, axis=1)
-            values = np.sort(a, axis=1)  # same order as rows (ties hold equal values)
-            np_rows = rows.astype(np.int16 if row_dtype == torch.int16 else np.int32)
-            return torch.from_numpy(values), torch.from_numpy(np_rows)
-        except (ImportError, RuntimeError, TypeError):
-            pass
-    values, rows = torch.sort(wt, dim=1)
-    return values, rows.to(row_dtype)
-
-
-class ColumnOrder:
-    """One layer's |W| with every column sorted ascending: the per-model preprocessing of
-    the rank-one fast path (independent of the concept, so shared by all concepts).
-
-    ``values[j]`` is column j of |W| (float32) sorted ascending and ``rows[j]`` the row of
-    each sorted value (int16 when C_out fits): 6 bytes per connection. ``sample_w`` /
-    ``sample_col`` hold a fixed random sample of entries (all of them in small layers),
-    used only to bracket quantiles; results never depend on it.
-    """
-
-    __slots__ = ("shape", "values", "rows", "usable", "sample_w", "sample_col", "complete")
-
-    @torch.no_grad()
-    def __init__(self, weight_abs: torch.Tensor):
-        w = weight_abs.detach().float()
-        if w.dim() != 2:
-            raise ValueError(f"expected a [C_out, C_in] weight, got {tuple(w.shape)}")
-        c_out, c_in = w.shape
-        self.shape = (c_out, c_in)
-        row_dtype = torch.int16 if c_out <= torch.iinfo(torch.int16).max else torch.int32
-        values, self.rows = _sort_columns(w, row_dtype)
-        self.values = values.add_(0.0)  # -0.0 -> 0.0 (no other value changes): bit patterns order values
-        n = c_out * c_in
-        # the argument needs finite, non-negative |W|
-        self.usable = bool(n > 0 and torch.isfinite(values[:, -1]).all() and (values[:, 0] >= 0).all())
-        self.complete = n <= _SAMPLE
-        if self.complete:
-            lin = torch.arange(n, device=w.device)
-        else:
-            g = torch.Generator(device="cpu").manual_seed(0x5EED)
-            lin = torch.randint(n, (_SAMPLE,), generator=g).to(w.device)
-        self.sample_col = lin // c_out
-        self.sample_w = self.values.reshape(-1)[lin]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.rows, self.sample_w, self.sample_col))
-
-    @property
-    def column_max(self) -> torch.Tensor:
-        return self.values[:, -1]
-
-
-class SharedAbsWeights(dict):
-    """{layer key: |W|} shared by every concept of one model, with each layer's ColumnOrder
-    built on first use and kept with it (freed together). Plain mappings work too; they
-    just rebuild the order on every selection."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._orders: dict[str, ColumnOrder] = {}
-
-    def column_order(self, key: str) -> ColumnOrder:
-        order = self._orders.get(key)
-        if order is None:
-            order = self._orders[key] = ColumnOrder(self[key])
-        return order
-
-    def order_nbytes(self) -> int:
-        return sum(o.nbytes() for o in self._orders.values())
-
-
-def column_order_of(weight_abs: Mapping[str, torch.Tensor], key: str) -> ColumnOrder:
-    """The ColumnOrder of one layer: cached when ``weight_abs`` is a SharedAbsWeights."""
-    if isinstance(weight_abs, SharedAbsWeights):
-        return weight_abs.column_order(key)
-    return ColumnOrder(weight_abs[key])
 
 
 def _min_reaching(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -245,11 +164,130 @@ class _RankOneLayer:
         return lo.to(torch.int32).view(torch.float32)
 
 
-@torch.no_grad()
-def select_rank_one(order: ColumnOrder, columns: torch.Tensor, r1: float, r2: float) -> torch.Tensor | None:
-    """Eq. 3-6 for one layer of fast-mode saliency (S_t = |W| * columns[t]): the same sorted
-    flat indices as SensitivityIntegrator + select_from_sensitivity on the dense S_t, or
-    None where the fast argument does not apply (callers then run the dense path)."""
+class _Eq5Bounds:
+    """Rigorous bounds of A_ij as functions of w = |W_ij| within column j, with the hit count
+    h(w) = #{t: w >= hit_at[t, j]}: a_hat = 0.5 w sigma_j / peak + 0.5 h / T and
+    A in [a_hat (1 - delta) - abs, a_hat (1 + delta) + abs] (T + 4 float32 roundings)."""
+
+    def __init__(self, layer: _RankOneLayer, tau: torch.Tensor, peak: float):
+        cols, device = layer.cols, layer.cols.device
+        self.layer, self.order, self.peak, self.T = layer, layer.order, peak, layer.T
+        inf = torch.tensor(float("inf"), device=device)
+        self.hit_at = _min_reaching(torch.nextafter(tau, inf)[:, None], cols)  # [T, C_in]
+        # absolute slack: float64 rounding, and products / sums that end up subnormal
+        # (absolute error 2^-150 each, divided by the peak in the strength term)
+        self.abs_slack = 1e-9 + (2 * self.T + 2) * 2.0 ** -149 / peak
+        self.sigma = cols.double().sum(0)  # [C_in]
+        hs = self.hit_at.double().sort(dim=0).values  # [T, C_in]
+        inf64 = torch.full((1, layer.c_in), float("inf"), dtype=torch.float64, device=device)
+        self.level_lo = torch.cat([torch.zeros_like(inf64), hs])  # w range of hit level h = 0..T
+        self.level_hi = torch.cat([hs, inf64])
+        self.half_freq = (torch.arange(self.T + 1, dtype=torch.float64, device=device) / (2 * self.T))[:, None]
+        self.delta = (self.T + 4 + _REL_SLACK_ULPS) * 2.0 ** -23
+
+    def min_w(self, v: float, upper: bool) -> torch.Tensor:
+        """Per column, the smallest real w whose lower (upper) bound of A reaches v; [C_in]."""
+        target = (v - self.abs_slack) / (1 + self.delta) if upper else (v + self.abs_slack) / (1 - self.delta)
+        need = target - self.half_freq  # [T+1, 1]: what 0.5 * w * sigma / peak must reach
+        c = need.clamp_min(0) * (2 * self.peak) / self.sigma[None, :]  # sigma = 0: inf (nan where need = 0)
+        c = torch.where(need <= 0, torch.zeros_like(c), c)
+        cand = torch.maximum(self.level_lo, c)
+        return torch.where(cand < self.level_hi, cand, torch.full_like(cand, float("inf"))).amin(0)
+
+    def count_from(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per column, the sorted position where w >= m starts, and how many entries follow."""
+        start = torch.searchsorted(self.order.values, _ceil_f32(m)[:, None]).squeeze(1)
+        return start, self.layer.c_out - start
+
+    def count_reaching(self, v: float) -> int:
+        return int(self.count_from(self.min_w(v, upper=False))[1].sum())
+
+    def value_below_kth(self, big_k: int) -> float:
+        """v_lo <= the K-th largest A: a sample quantile of the lower bound, checked by an
+        exact count (bisection when the sample misled)."""
+        o, T = self.order, self.T
+        h_sample = (o.sample_w[None, :] >= self.hit_at.index_select(1, o.sample_col)).sum(0)
+        a_hat = 0.5 * o.sample_w.double() * self.sigma.index_select(0, o.sample_col) / self.peak \
+            + h_sample.double() / (2 * T)
+        a_low = a_hat * (1 - self.delta) - self.abs_slack
+        m_s = a_low.numel()
+        if o.complete:
+            rank = big_k
+        else:
+            pk = big_k * m_s / self.layer.n
+            rank = min(m_s, math.ceil(pk + 5.0 * math.sqrt(pk) + 2.0))
+        v_lo = max(0.0, _kth_largest_of(a_low, rank) * (1 - 1e-9) - 1e-12)
+        if v_lo > 0 and self.count_reaching(v_lo) < big_k:
+            lo, hi = 0.0, 1.0 + 1e-6
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if self.count_reaching(mid) >= big_k else (lo, mid)
+            v_lo = lo
+        return v_lo
+
+    def candidates(self, v_lo: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """E: entries whose upper bound of A reaches v_lo, with w > 0 in a nonzero column:
+        (flat index sorted, position in the sorted columns, column) of each; None when E
+        is more than half the layer (the dense path is as fast)."""
+        o, c_out, c_in = self.order, self.layer.c_out, self.layer.c_in
+        start, counts = self.count_from(self.min_w(v_lo, upper=True).clamp_min(2.0 ** -149))
+        counts = torch.where(self.sigma > 0, counts, torch.zeros_like(counts))
+        if int(counts.sum()) > self.layer.n // 2:
+            return None
+        col, off = _ragged(counts)
+        lin = col * c_out + start.index_select(0, col) + off
+        flat = o.rows.reshape(-1).index_select(0, lin).to(torch.int64) * c_in + col
+        flat, by_flat = torch.sort(flat)
+        return flat, lin.index_select(0, by_flat), col.index_select(0, by_flat)
+
+
+def _sum_peak(order: ColumnOrder, cols: torch.Tensor) -> torch.Tensor:
+    """max of the Eq. 3 sum: at each column's largest |W| (same operations as the dense path)."""
+    w_max = order.column_max
+    tot = w_max * cols[0]
+    for t in range(1, cols.shape[0]):
+        tot = tot + w_max * cols[t]
+    return tot.max()
+
+
+def _sensitivity_at(order: ColumnOrder, cols: torch.Tensor, tau: torch.Tensor, peak: torch.Tensor,
+                    lin: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """A of Eq. 3 on the entries (sorted position lin, column col), with the dense path's
+    operations (sensitivity.combine_terms), so with its bits."""
+    w_e = order.values.reshape(-1).index_select(0, lin)
+    hits = torch.zeros(lin.numel(), dtype=torch.int16, device=lin.device)
+    total = None
+    for t in range(cols.shape[0]):
+        s = w_e * cols[t].index_select(0, col)
+        total = s if total is None else total.add_(s)
+        hits.add_(s > tau[t])
+    steps = torch.full((), float(cols.shape[0]), device=lin.device)
+    return 0.5 * (total / peak) + 0.5 * (hits.float() / steps)
+
+
+def _eq4_eq5(a: torch.Tensor, flat: torch.Tensor, c_in: int, big_k: int, k_row: int,
+             v_star: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 and 5 (ties to the lower index) on candidates holding every entry with A at or
+    above the layer's K-th largest ``v_star``: sorted flat indices of Q_l with A > 0."""
+    positive = a > 0
+    cand = positive & (a >= v_star)
+    above = positive & (a > v_star)
+    tied = cand & ~above
+    need = big_k - int(above.sum())
+    layer_sel = above | (tied & (tied.cumsum(0) <= need))
+    # Eq. 4: rank inside the row by (-A, column); every row's top k is among the
+    # candidates, or the row has fewer than k candidates and keeps them all
+    idx = cand.nonzero().squeeze(1)
+    a_c, row_c = a[idx], flat[idx] // c_in
+    by_a = torch.argsort(a_c, descending=True, stable=True)
+    by_row = by_a[torch.argsort(row_c[by_a], stable=True)]
+    _, per_row = torch.unique_consecutive(row_c[by_row], return_counts=True)
+    rank_in_row = torch.empty_like(by_row)
+    rank_in_row[by_row] = _ragged(per_row)[1]
+    return flat[idx[layer_sel[idx] & (rank_in_row < k_row)]]
+
+
+def _checked_columns(order: ColumnOrder, columns: torch.Tensor, r1: float, r2: float) -> torch.Tensor | None:
     if not 0.0 < r1 <= 1.0:
         raise ValueError(f"r1 (temporal sparsity) must be in (0, 1], got {r1}")
     if not 0.0 < r2 <= 1.0:
@@ -259,107 +297,41 @@ def select_rank_one(order: ColumnOrder, columns: torch.Tensor, r1: float, r2: fl
         raise ValueError(f"columns of shape {tuple(columns.shape)} do not fit a [{c_out}, {c_in}] layer")
     if not order.usable:
         return None
-    device = order.values.device
-    cols = columns.to(device=device, dtype=torch.float32) + 0.0  # -0.0 -> 0.0
+    cols = columns.to(device=order.values.device, dtype=torch.float32) + 0.0  # -0.0 -> 0.0
     if not (bool(torch.isfinite(cols).all()) and bool((cols >= 0).all())):
         return None
+    return cols
+
+
+@torch.no_grad()
+def select_rank_one(order: ColumnOrder, columns: torch.Tensor, r1: float, r2: float) -> torch.Tensor | None:
+    """Eq. 3-6 for one layer of fast-mode saliency (S_t = |W| * columns[t]): the same sorted
+    flat indices as SensitivityIntegrator + select_from_sensitivity on the dense S_t, or
+    None where the fast argument does not apply (callers then run the dense path)."""
+    cols = _checked_columns(order, columns, r1, r2)
+    if cols is None:
+        return None
     layer = _RankOneLayer(order, cols, r1)
-    T, n = layer.T, layer.n
-    big_k = top_fraction_count(r2, n)
-    k_row = top_fraction_count(r2, c_in)
-    if big_k > n // 2:
+    big_k = top_fraction_count(r2, layer.n)
+    if big_k > layer.n // 2:
         return None  # nearly everything is a candidate: the dense path is as fast
     empty = torch.zeros(0, dtype=torch.int64)
-
-    # max of the Eq. 3 sum: at each column's largest |W| (same operations as the dense path)
-    w_max = order.column_max
-    tot = w_max * cols[0]
-    for t in range(1, T):
-        tot = tot + w_max * cols[t]
-    peak = tot.max()
+    peak = _sum_peak(order, cols)
     if not bool(torch.isfinite(peak)):
         return None
     if not bool(peak > 0):
         return empty  # S = 0 everywhere: A = 0 and nothing is selected
-    p = float(peak)
-    # absolute slack: float64 rounding, and products / sums that end up subnormal
-    # (absolute error 2^-150 each, divided by the peak in the strength term)
-    abs_slack = 1e-9 + (2 * T + 2) * 2.0 ** -149 / p
-
     tau = layer.taus()  # [T]
-    hit_at = _min_reaching(torch.nextafter(tau, torch.tensor(float("inf"), device=device))[:, None], cols)
-
-    # Bounds of A_ij as functions of w = |W_ij| in column j, with hit count
-    # h(w) = #{t: w >= hit_at[t, j]}: a_hat = 0.5 w sigma_j / peak + 0.5 h / T and
-    # A in [a_hat (1 - delta) - abs, a_hat (1 + delta) + abs] (T + 4 float32 roundings).
-    sigma = cols.double().sum(0)  # [C_in]
-    hs = hit_at.double().sort(dim=0).values  # [T, C_in]
-    inf64 = torch.full((1, c_in), float("inf"), dtype=torch.float64, device=device)
-    level_lo = torch.cat([torch.zeros_like(inf64), hs])  # w range of hit level h = 0..T
-    level_hi = torch.cat([hs, inf64])
-    half_freq = (torch.arange(T + 1, dtype=torch.float64, device=device) / (2 * T))[:, None]
-    delta = (T + 4 + _REL_SLACK_ULPS) * 2.0 ** -23
-
-    def min_w(v: float, upper: bool) -> torch.Tensor:
-        """Per column, the smallest real w whose lower (upper) bound of A reaches v; [C_in]."""
-        target = (v - abs_slack) / (1 + delta) if upper else (v + abs_slack) / (1 - delta)
-        need = target - half_freq  # [T+1, 1]: what 0.5 * w * sigma / peak must reach
-        c = need.clamp_min(0) * (2 * p) / sigma[None, :]  # sigma = 0: inf (nan where need = 0)
-        c = torch.where(need <= 0, torch.zeros_like(c), c)
-        cand = torch.maximum(level_lo, c)
-        return torch.where(cand < level_hi, cand, torch.full_like(cand, float("inf"))).amin(0)
-
-    def count_from(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start = torch.searchsorted(order.values, _ceil_f32(m)[:, None]).squeeze(1)
-        return start, c_out - start
-
-    # v_lo <= the K-th largest A: a sample quantile of the lower bound, checked by exact count
-    o = order
-    h_sample = (o.sample_w[None, :] >= hit_at.index_select(1, o.sample_col)).sum(0)
-    a_hat = 0.5 * o.sample_w.double() * sigma.index_select(0, o.sample_col) / p + h_sample.double() / (2 * T)
-    a_low = a_hat * (1 - delta) - abs_slack
-    m_s = a_low.numel()
-    if o.complete:
-        rank = big_k
-    else:
-        pk = big_k * m_s / n
-        rank = min(m_s, math.ceil(pk + 5.0 * math.sqrt(pk) + 2.0))
-    v_lo = max(0.0, _kth_largest_of(a_low, rank) * (1 - 1e-9) - 1e-12)
-    if v_lo > 0 and int(count_from(min_w(v_lo, upper=False))[1].sum()) < big_k:
-        lo, hi = 0.0, 1.0 + 1e-6  # the sample misled: bisection
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            if int(count_from(min_w(mid, upper=False))[1].sum()) >= big_k:
-                lo = mid
-            else:
-                hi = mid
-        v_lo = lo
-
-    # E: entries whose upper bound of A reaches v_lo, with w > 0 in a nonzero column
-    start, counts = count_from(min_w(v_lo, upper=True).clamp_min(2.0 ** -149))
-    counts = torch.where(sigma > 0, counts, torch.zeros_like(counts))
-    size = int(counts.sum())
-    if size > n // 2:
+    bounds = _Eq5Bounds(layer, tau, float(peak))
+    v_lo = bounds.value_below_kth(big_k)
+    found = bounds.candidates(v_lo)
+    if found is None:
         return None
+    flat, lin, col = found
+    size = flat.numel()
     if size == 0:
         return empty
-    col, off = _ragged(counts)
-    lin = col * c_out + start.index_select(0, col) + off
-    flat = order.rows.reshape(-1).index_select(0, lin).to(torch.int64) * c_in + col
-    flat, by_flat = torch.sort(flat)
-    lin = lin.index_select(0, by_flat)
-    col = col.index_select(0, by_flat)
-    w_e = order.values.reshape(-1).index_select(0, lin)
-
-    # A on E, with the dense path's operations (so with its bits)
-    hits = torch.zeros(size, dtype=torch.int16, device=device)
-    total = None
-    for t in range(T):
-        s = w_e * cols[t].index_select(0, col)
-        total = s if total is None else total.add_(s)
-        hits.add_(s > tau[t])
-    a = 0.5 * (total / peak) + 0.5 * (hits.float() / T)
-
+    a = _sensitivity_at(order, cols, tau, peak, lin, col)
     # Eq. 5: the K-th largest A of the layer (every entry reaching it is in E)
     if size >= big_k:
         v_star = a.kthvalue(size - big_k + 1).values
@@ -368,62 +340,5 @@ def select_rank_one(order: ColumnOrder, columns: torch.Tensor, r1: float, r2: fl
     elif v_lo > 0:
         return None
     else:
-        v_star = torch.zeros((), device=device)
-    positive = a > 0
-    cand = positive & (a >= v_star)
-    above = positive & (a > v_star)
-    tied = cand & ~above
-    need = big_k - int(above.sum())
-    layer_sel = above | (tied & (tied.cumsum(0) <= need))
-
-    # Eq. 4 on the candidates: rank inside the row by (-A, column); every row's top k is
-    # among them, or the row has fewer than k candidates and keeps them all
-    idx = cand.nonzero().squeeze(1)
-    a_c, row_c = a[idx], flat[idx] // c_in
-    by_a = torch.argsort(a_c, descending=True, stable=True)
-    by_row = by_a[torch.argsort(row_c[by_a], stable=True)]
-    _, per_row = torch.unique_consecutive(row_c[by_row], return_counts=True)
-    rank_in_row = torch.empty_like(by_row)
-    rank_in_row[by_row] = _ragged(per_row)[1]
-    chosen = idx[layer_sel[idx] & (rank_in_row < k_row)]
-    return flat[chosen].cpu()
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run CPU ops single-threaded inside the block (the thread count is restored after).
-
-    The rank-one path is a few hundred small ops per layer; on CPU, OpenMP's fork/join per
-    op costs more than the op itself, several times more when other processes share the
-    cores."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def select_fast_mode(
-    weight_abs: Mapping[str, torch.Tensor], key: str, columns: torch.Tensor, r1: float, r2: float
-) -> torch.Tensor:
-    """Eq. 3-6 for one layer of fast-mode saliency, S_t = |W| * columns[t]: sorted flat indices.
-
-    Takes the rank-one path (select_rank_one; |W|'s ColumnOrder is cached when
-    ``weight_abs`` is a SharedAbsWeights) and falls back to the dense path, integrating
-    S_t one step at a time, wherever that path does not apply. Both give the same result.
-    """
-    order = column_order_of(weight_abs, key)
-    with _one_cpu_thread(order.values.device):
-        idx = select_rank_one(order, columns, r1, r2)
-    if idx is not None:
-        return idx
-    w = weight_abs[key]
-    integrator = SensitivityIntegrator(r1)
-    for col in columns:
-        integrator.add(key, w.float() * col.to(w.device)[None, :])
-    return select_from_sensitivity(integrator.sensitivity(key, release=True), r2)
+        v_star = torch.zeros((), device=a.device)
+    return _eq4_eq5(a, flat, layer.c_in, big_k, top_fraction_count(r2, layer.c_in), v_star).cpu()

@@ -1,4 +1,4 @@
-"""Contrastive concept saliency (Eq. 1-2), recorded from live activations.
+"""Contrastive concept saliency (Eq. 1-2): the statistics and the saliency types.
 
 Both modes share one fact: the weight magnitude factors out of Eq. 1,
 U_{t,i,j} = |W_ij| * q_{t,i,j}, and |W_ij| is the same for every prompt, so
@@ -6,34 +6,27 @@ U_{t,i,j} = |W_ij| * q_{t,i,j}, and |W_ij| is the same for every prompt, so
     mean(U) = |W| * mean(q),  std(U) = |W| * std(q),
     S_t = |W| * max(0, mean_c q - mean_b q - std_b q)          (Eq. 2)
 
-and only statistics of q need recording:
+and only statistics of q need recording (recorder.py records them from live activations):
 - ``fast`` (the reference code's statistic, default): q_ij = ||X̂_j||_2, the column norm of
   the layer input with every token row L2-normalised; it does not depend on i, so S_t is
-  |W| times one C_in vector per step, and a concept's saliency is T * C_in floats per layer.
+  |W| times one C_in vector per step: FastSaliency holds T * C_in floats per layer.
 - ``exact`` (Eq. 1 with the cosine term): q_ij = ||X_j|| |<X_j, Y_i>| / (||X_j|| ||Y_i|| + eps),
-  full-size per step; S_t is folded into the Eq. 3 integrator when the step ends, so at
-  most five layer-size float32 tensors per layer are alive (the step's concept mean, base
-  mean and base M2, and the integrator's sum and hit count), whatever the step count.
+  full-size per step, folded into Eq. 3 as each step ends: ExactSaliency holds A of Eq. 3.
 
-Statistics are per prompt (a batch row) on the conditional branch only; the caller says,
-per model call, which rows are concept prompts, which are base prompts and which to skip
-(the unconditional CFG rows). Means and deviations are merged batch by batch (Chan et al.)
-on the model's device, without host synchronisation. std is the sample std (ddof = 1, as
-torch.std), so each side needs at least two prompts.
+std_b is the population standard deviation (divide by the count), as in the reference
+code; Eq. 2 still needs at least two base prompts (with one, std_b would be 0 and every
+difference from a single base prompt would count as concept evidence).
+
+The saliency types are data only; Stage 2 (Eq. 3-6) is neurons.select_concept_mask.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence, Union
 
 import torch
 
-from .masks import ConceptMask, LayerMask
-from .neurons import ProgressFn, SensitivityIntegrator, select_from_sensitivity
-from .rank_one import select_fast_mode
 from .prompts import PromptPair
-from .targets import TargetLayer
 
 CONCEPT = "concept"
 BASE = "base"
@@ -41,6 +34,7 @@ MODES = ("fast", "exact")
 EXACT_EPS = 1e-8
 
 
+# --------------------------------------------------------------------------- Eq. 1
 def column_norm_statistic(x: torch.Tensor) -> torch.Tensor:
     """fast mode's q: [B, N, C_in] layer input -> [B, C_in] ||X̂_j||_2 with X̂ token-normalised.
 
@@ -61,8 +55,10 @@ def energy_statistic(x: torch.Tensor, y: torch.Tensor, eps: float = EXACT_EPS) -
     return inner.mul_(x_norm[:, None, :]).div_(x_norm[:, None, :] * y_norm[:, :, None] + eps)
 
 
+# --------------------------------------------------------------------------- Eq. 2
 class RunningMoments:
-    """Count, mean and sum of squared deviations over rows, merged one batch at a time."""
+    """Count, mean and sum of squared deviations over rows, merged one batch at a time
+    (Chan et al.), on the rows' device without host synchronisation."""
 
     __slots__ = ("n", "mean", "m2")
 
@@ -87,7 +83,8 @@ class RunningMoments:
         self.n += m
 
     def std(self) -> torch.Tensor:
-        return (self.m2 / (self.n - 1)).sqrt()
+        """Population standard deviation (ddof = 0), as the reference code's sigma_b."""
+        return (self.m2 / self.n).sqrt()
 
 
 def contrast(concept: RunningMoments, base: RunningMoments) -> torch.Tensor:
@@ -99,236 +96,110 @@ def contrast(concept: RunningMoments, base: RunningMoments) -> torch.Tensor:
     return (concept.mean - base.mean - base.std()).clamp_min_(0)
 
 
-@dataclass
-class ConceptSaliency:
-    """One concept's contrastive saliency, ready for mask building (Eq. 3-6).
+# --------------------------------------------------------------------------- types
+def _check_layers(kind: str, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]]) -> None:
+    if list(tensors) != list(shapes):
+        raise ValueError(f"{kind}: its tensors' layers {list(tensors)[:3]}... differ from layer_shapes {list(shapes)[:3]}...")
 
-    fast: ``columns[key]`` is [T, C_in] (S_t = |W| * columns[key][t]), with ``weight_abs``
-    a shared mapping to |W| (not owned: it is the model's, shared by all concepts).
-    exact: ``sensitivity[key]`` is A of Eq. 3, already integrated with ``r1``.
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class FastSaliency:
+    """One concept's fast-mode saliency: S_t = |W| * columns[key][t][None, :].
+
+    ``columns[key]`` is [T, C_in] float32; ``weight_abs`` maps every layer key to |W| and is
+    not owned (it is the model's, shared by all concepts: a rank_one.SharedAbsWeights keeps
+    the per-model column order with it).
     """
 
     concept: str
-    mode: str
     target: str
     layer_shapes: dict[str, tuple[int, int]]
     num_steps: int
     r1: float
-    columns: dict[str, torch.Tensor] | None = None
-    weight_abs: Mapping[str, torch.Tensor] | None = None
-    sensitivity: dict[str, torch.Tensor] | None = None
+    columns: dict[str, torch.Tensor]
+    weight_abs: Mapping[str, torch.Tensor] | None
     prompts: tuple[PromptPair, ...] = ()
     architecture: str = ""
     fingerprint: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    mode: ClassVar[str] = "fast"
+
+    def __post_init__(self) -> None:
+        _check_layers("FastSaliency", self.columns, self.layer_shapes)
 
     def nbytes(self) -> int:
         """Memory this saliency owns (|W| excluded: it is shared)."""
-        tensors = (self.columns or {}) | (self.sensitivity or {})
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
-    def step_saliency(self, key: str):
-        """Yield S_t [C_out, C_in] of one layer for t = 0..T-1 (fast mode)."""
-        if self.columns is None:
-            raise ValueError("per-step saliency exists in fast mode only (exact mode is integrated while recording)")
-        if self.weight_abs is None:
-            raise ValueError("fast-mode saliency needs weight_abs (|W| of the model) to build S_t = |W| * s_t")
-        w = self.weight_abs[key]
-        for col in self.columns[key]:
-            yield w.float() * col.to(w.device)[None, :]
-
-    @torch.no_grad()
-    def select(self, r2: float, r1: float | None = None, progress: ProgressFn | None = None) -> ConceptMask:
-        """Concept mask Q^(c) of Eq. 3-6. r1 defaults to the recorded one; exact mode fixed it."""
-        if r1 is None:
-            r1 = self.r1
-        elif self.mode == "exact" and not math.isclose(r1, self.r1):
-            raise ValueError(f"exact-mode saliency was integrated with r1={self.r1}; recompute it to use r1={r1}")
-        layers: dict[str, LayerMask] = {}
-        keys = list(self.layer_shapes)
-        for i, key in enumerate(keys):
-            if self.mode == "exact":
-                indices = select_from_sensitivity(self.sensitivity[key], r2)
-            else:
-                if self.weight_abs is None:
-                    raise ValueError("fast-mode saliency needs weight_abs (|W| of the model) to build S_t = |W| * s_t")
-                # rank-one S_t: no layer-size pass per step (same result as integrating step_saliency)
-                indices = select_fast_mode(self.weight_abs, key, self.columns[key], r1, r2)
-            layers[key] = LayerMask(self.layer_shapes[key], indices)
-            if progress:
-                progress(i + 1, len(keys))
-        return ConceptMask(
-            concepts=(self.concept,),
-            target=self.target,
-            layers=layers,
-            architecture=self.architecture,
-            fingerprint=self.fingerprint,
-            params={"r1": r1, "r2": r2, "mode": self.mode, "saliency_steps": self.num_steps, **self.settings},
-        )
+        return _nbytes(self.columns)
 
 
-class SaliencyRecorder:
-    """Context manager that hooks target layers by module identity and records Eq. 1-2.
+@dataclass
+class ExactSaliency:
+    """One concept's exact-mode saliency: ``sensitivity[key]`` is A of Eq. 3 [C_out, C_in],
+    already integrated with ``r1`` while recording."""
 
-    Before each model evaluation the caller states the context with ``set_call(step,
-    row_groups)``: the saliency step index (None = outside the window, nothing recorded)
-    and, per batch row, CONCEPT, BASE or None (skip, e.g. unconditional rows). Hooks are
-    removed on exit, also after exceptions. Only one call context is active at a time.
-    """
+    concept: str
+    target: str
+    layer_shapes: dict[str, tuple[int, int]]
+    num_steps: int
+    r1: float
+    sensitivity: dict[str, torch.Tensor]
+    prompts: tuple[PromptPair, ...] = ()
+    architecture: str = ""
+    fingerprint: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    mode: ClassVar[str] = "exact"
 
-    def __init__(
-        self,
-        layers: Sequence[TargetLayer],
-        num_steps: int,
-        mode: str = "fast",
-        weight_abs: Mapping[str, torch.Tensor] | None = None,
-        r1: float | None = None,
-    ):
-        if mode not in MODES:
-            raise ValueError(f"unknown saliency mode {mode!r}; choose one of {MODES}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if mode == "exact" and (weight_abs is None or r1 is None):
-            raise ValueError("exact mode folds each step into Eq. 3 as it ends: it needs weight_abs and r1")
-        self.layers = list(layers)
-        self.num_steps = num_steps
-        self.mode = mode
-        self.weight_abs = weight_abs
-        self.r1 = r1
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._step: int | None = None
-        self._rows: tuple[str | None, ...] = ()
-        self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        # fast: per layer, per step, per side; exact: per layer, current step only
-        self._moments: dict[str, dict[int, dict[str, RunningMoments]]] = {layer.key: {} for layer in self.layers}
-        self._integrator = SensitivityIntegrator(r1) if mode == "exact" else None
-        self._exact_step: int | None = None
-        self.calls = 0
+    def __post_init__(self) -> None:
+        _check_layers("ExactSaliency", self.sensitivity, self.layer_shapes)
 
-    # -- hooks -----------------------------------------------------------------------
-    def __enter__(self) -> "SaliencyRecorder":
-        try:
-            for layer in self.layers:
-                self._handles.append(layer.module.register_forward_hook(self._make_hook(layer.key)))
-        except BaseException:
-            self.remove_hooks()
-            raise
-        return self
+    def nbytes(self) -> int:
+        return _nbytes(self.sensitivity)
 
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
 
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+@dataclass
+class StepSaliency:
+    """Dense per-step saliency given directly (library use): ``steps[t][key]`` = S_t
+    [C_out, C_in], non-negative (Eq. 2), every step with the same layers in the same order.
+    ``r1`` is the default temporal sparsity for Eq. 3."""
 
-    def _make_hook(self, key: str) -> Callable:
-        def hook(module, args, output):
-            if self._step is not None:
-                self._record(key, args[0], output, getattr(module, "bias", None))
+    steps: Sequence[Mapping[str, torch.Tensor]]
+    r1: float
+    concept: str = ""
+    target: str = "ffn2"
+    architecture: str = ""
+    fingerprint: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    mode: ClassVar[str] = "steps"
 
-        return hook
+    def __post_init__(self) -> None:
+        if not isinstance(self.r1, (int, float)) or isinstance(self.r1, bool) or not 0.0 < self.r1 <= 1.0:
+            raise ValueError(f"r1 (temporal sparsity) must be a number in (0, 1], got {self.r1!r}")
+        if not isinstance(self.steps, Sequence) or isinstance(self.steps, (str, bytes)):
+            raise TypeError(f"expected a list of {{layer key: tensor}} per step, got {type(self.steps).__name__}")
+        if not self.steps:
+            raise ValueError("saliency has no steps")
+        keys = list(self.steps[0])
+        for t, step in enumerate(self.steps):
+            if not isinstance(step, Mapping):
+                raise TypeError(f"saliency step {t} is a {type(step).__name__}, expected {{layer key: tensor}}")
+            if list(step) != keys:
+                raise ValueError(f"saliency step {t} has other layers than step 0")
 
-    # -- call context ----------------------------------------------------------------
-    def set_call(self, step: int | None, row_groups: Sequence[str | None] = ()) -> None:
-        """Declare the step and per-row sides of the next model evaluation."""
-        if step is not None and not 0 <= step < self.num_steps:
-            step = None
-        if step is not None and self.mode == "exact":
-            if self._exact_step is not None and step < self._exact_step:
-                raise RuntimeError(
-                    "exact saliency needs every prompt of a concept in one batch (steps went back "
-                    f"from {self._exact_step} to {step}); run it with all prompts in one batch"
-                )
-            if self._exact_step is not None and step != self._exact_step:
-                self._fold_exact_step()
-            self._exact_step = step
-        rows = tuple(row_groups)
-        if rows != self._rows:
-            self._index_cache.clear()
-        self._step, self._rows = step, rows
-        if step is not None:
-            self.calls += 1
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: tuple(v.shape) for k, v in self.steps[0].items()}
 
-    def clear_call(self) -> None:
-        self._step = None
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
 
-    def _indices(self, device: torch.device) -> tuple[slice, torch.Tensor, torch.Tensor]:
-        """The span of recorded rows (skipped rows, e.g. unconditional, are not computed at
-        all when outside it) and the concept / base rows relative to the span's start."""
-        idx = self._index_cache.get(device)
-        if idx is None:
-            used = [i for i, g in enumerate(self._rows) if g in (CONCEPT, BASE)]
-            lo = used[0] if used else 0
-            span = slice(lo, used[-1] + 1 if used else 0)
-            c = [i - lo for i, g in enumerate(self._rows) if g == CONCEPT]
-            b = [i - lo for i, g in enumerate(self._rows) if g == BASE]
-            idx = (span, torch.tensor(c, dtype=torch.long, device=device), torch.tensor(b, dtype=torch.long, device=device))
-            self._index_cache[device] = idx
-        return idx
+    def nbytes(self) -> int:
+        return sum(_nbytes(step) for step in self.steps)
 
-    @torch.no_grad()
-    def _record(self, key: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if x.dim() != 3:
-            raise RuntimeError(f"layer {key}: expected a [batch, tokens, channels] input, got {tuple(x.shape)}")
-        if x.shape[0] != len(self._rows):
-            raise RuntimeError(
-                f"layer {key}: the model call has {x.shape[0]} batch rows but the call context "
-                f"describes {len(self._rows)}"
-            )
-        span, idx_c, idx_b = self._indices(x.device)
-        sides = self._moments[key].setdefault(self._step, {CONCEPT: RunningMoments(), BASE: RunningMoments()})
-        if not (idx_c.numel() or idx_b.numel()):
-            return
-        x = x[span]  # a view: only the recorded rows are computed
-        if self.mode == "fast":
-            q = column_norm_statistic(x)
-        else:
-            y = y[span]
-            if bias is not None:
-                y = y - bias.to(y.dtype)
-            q = energy_statistic(x, y)
-        if idx_c.numel():
-            sides[CONCEPT].add(q.index_select(0, idx_c))
-        if idx_b.numel():
-            sides[BASE].add(q.index_select(0, idx_b))
 
-    @torch.no_grad()
-    def _fold_exact_step(self) -> None:
-        step = self._exact_step
-        for layer in self.layers:
-            sides = self._moments[layer.key].pop(step, None)
-            if sides is None:
-                continue
-            s = contrast(sides[CONCEPT], sides[BASE])
-            w = self.weight_abs[layer.key]
-            self._integrator.add(layer.key, s.mul_(w.to(s.device, torch.float32)))
-
-    # -- result ----------------------------------------------------------------------
-    @torch.no_grad()
-    def result(self, concept: str, target: str = "ffn2", **info: Any) -> ConceptSaliency:
-        """The recorded saliency. Raises when a step or layer saw no prompts."""
-        self._step = None
-        shapes = {layer.key: layer.shape for layer in self.layers}
-        if self.mode == "exact":
-            if self._exact_step is not None:
-                self._fold_exact_step()
-                self._exact_step = None
-            missing = [k for k in shapes if k not in self._integrator.keys()]
-            if missing or any(self._integrator._steps[k] != self.num_steps for k in shapes):
-                raise RuntimeError(f"saliency incomplete: {len(missing)} layers saw no saliency step")
-            sens = {k: self._integrator.sensitivity(k, release=True).cpu() for k in shapes}
-            return ConceptSaliency(concept, "exact", target, shapes, self.num_steps, self.r1, sensitivity=sens, **info)
-        columns = {}
-        for key in shapes:
-            steps = self._moments[key]
-            if sorted(steps) != list(range(self.num_steps)):
-                raise RuntimeError(
-                    f"saliency incomplete: layer {key} recorded steps {sorted(steps)}, expected 0..{self.num_steps - 1}"
-                )
-            columns[key] = torch.stack([contrast(steps[t][CONCEPT], steps[t][BASE]) for t in range(self.num_steps)]).cpu()
-        return ConceptSaliency(
-            concept, "fast", target, shapes, self.num_steps, self.r1 if self.r1 is not None else 0.05,
-            columns=columns, weight_abs=self.weight_abs, **info,
-        )
+#: what SaliencyRecorder.result returns and the nodes pass around
+ConceptSaliency = Union[FastSaliency, ExactSaliency]

@@ -36,10 +36,15 @@ class UnsupportedArchitectureError(ValueError):
 
 @dataclass(frozen=True)
 class TargetLayer:
-    """One prunable Linear layer: ``key`` is its module path inside the network."""
+    """One prunable Linear layer: ``key`` is its module path inside the network.
+
+    ``module`` is an ``nn.Linear`` or a Linear-like module (see :func:`linear_like_shape`):
+    forward hooks work on any ``nn.Module``; read its weight through the host's own
+    dequantization, never as ``module.weight`` directly (it may be fp8 or a tensor subclass).
+    """
 
     key: str
-    module: nn.Linear
+    module: nn.Module
     shape: tuple[int, int]  # (C_out, C_in) of the weight
 
     @property
@@ -47,9 +52,32 @@ class TargetLayer:
         return self.shape[0] * self.shape[1]
 
 
+def linear_like_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(C_out, C_in) when ``module`` acts as a Linear layer, else None.
+
+    Duck typing, so that fia_core needs no host imports: an ``nn.Linear`` (ComfyUI's
+    ``comfy.ops`` disable_weight_init / manual_cast / scaled_fp8 Linears subclass it),
+    or any module with integer ``in_features`` / ``out_features`` and a 2-D ``weight``
+    tensor of shape (out_features, in_features). The second form covers ComfyUI 0.8's
+    ``MixedPrecisionOps.Linear`` (a plain ``nn.Module`` whose weight is a QuantizedTensor
+    reporting its logical shape) and similar quantized Linear replacements. A Conv2d has
+    a 4-D weight and no in/out_features, so it never matches.
+    """
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    weight = getattr(module, "weight", None)
+    c_in, c_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(c_in, int) or not isinstance(c_out, int):
+        return None
+    shape = tuple(weight.shape)
+    return shape if shape == (c_out, c_in) else None
+
+
 def find_target_layers(network: nn.Module, target: str = DEFAULT_TARGET) -> list[TargetLayer]:
     """List the ``target`` layers of ``network`` in module order.
 
+    A layer is a module whose path ends in one of the target's suffixes and that acts as
+    a Linear layer (:func:`linear_like_shape`: ``nn.Linear`` or a quantized look-alike).
     Raises UnsupportedArchitectureError, naming what was found, when there are none.
     """
     if target not in TARGETS:
@@ -58,11 +86,12 @@ def find_target_layers(network: nn.Module, target: str = DEFAULT_TARGET) -> list
     found: list[TargetLayer] = []
     linear_names: list[str] = []
     for name, module in network.named_modules():
-        if not isinstance(module, nn.Linear):
+        shape = linear_like_shape(module)
+        if shape is None:
             continue
         linear_names.append(name)
         if any(name == s or name.endswith("." + s) for s in suffixes):
-            found.append(TargetLayer(name, module, tuple(module.weight.shape)))
+            found.append(TargetLayer(name, module, shape))
     if not found:
         examples = ", ".join(linear_names[:4]) or "none"
         raise UnsupportedArchitectureError(

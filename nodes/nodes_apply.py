@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-import re
 
-from ..fia_core import fuse_masks
+from ..fia_core import fuse_masks, mask_warnings, select_concept_mask
 from .comfy_adapter import abs_weights, apply_mask, target_layers
-from .common import (MASK, FIAInputError, alpha_input, fusion_input, progress_bar, r1_input, r2_input,
-                     sampling_inputs, settings_from, template_inputs)
-from .nodes_saliency import make_pairs
-from .report import short_summary, summary_line
-from .saliency_runner import concept_saliency
+from .common import (MASK, NodeRun, alpha_input, check_inputs, concept_entries, custom_prompt_inputs,
+                     fusion_input, make_pairs, progress_bar, r1_input, r2_input, sampling_inputs, settings_from,
+                     strength_input, template_inputs, validate_sampler)
+from .report import mask_summary, summary_line
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
 
@@ -29,37 +28,18 @@ class FIAApplyMask:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to erase concepts from (the one the mask was built on)."}),
             "mask": (MASK, {"tooltip": "A concept or fused mask (FIA Fuse Masks, FIA Load Mask)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                   "tooltip": "1 zeroes the masked connections (the paper); 0 leaves the model "
-                                              "unchanged; in between scales them down."}),
+            "strength": strength_input("1 zeroes the masked connections (the paper); 0 leaves the model "
+                                       "unchanged; in between scales them down."),
         }}
 
     def apply(self, model, mask, strength):
-        return (apply_mask(model, mask, strength, node="FIAApplyMask"),)
-
-
-_R2_SUFFIX = re.compile(r"^(?P<concept>.+?)\s*:\s*(?P<r2>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)\s*$")
-
-
-def parse_concepts(text: str, default_r2: float, node: str = "FIAForgetConcepts") -> list[tuple[str, float]]:
-    """One concept per line, optionally 'concept: r2'. Empty lines are skipped; duplicates refused."""
-    out: list[tuple[str, float]] = []
-    seen = set()
-    for number, raw in enumerate((text or "").splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
-        m = _R2_SUFFIX.match(line)
-        concept, r2 = (m["concept"].strip(), float(m["r2"])) if m else (line, default_r2)
-        if not 0.0 < r2 <= 0.5:
-            raise FIAInputError(node, "concepts", f"line {number} ('{line}'): r2 must be in (0, 0.5], got {r2}")
-        if concept.lower() in seen:
-            raise FIAInputError(node, "concepts", f"line {number}: '{concept}' is listed twice")
-        seen.add(concept.lower())
-        out.append((concept, r2))
-    if not out:
-        raise FIAInputError(node, "concepts", "is empty: list the concepts to erase, one per line")
-    return out
+        node = "FIAApplyMask"
+        with NodeRun(node) as run:
+            check_inputs(node, self.INPUT_TYPES(), {"strength": strength})
+            patched = apply_mask(model, mask, strength, node=node)
+            # the summary also carries what apply_mask logged (a mask built on another checkpoint)
+            summary = run.summary(mask_summary(mask))
+        return {"ui": {"fia_summary": [summary]}, "result": (patched,)}
 
 
 class FIAForgetConcepts:
@@ -81,38 +61,52 @@ class FIAForgetConcepts:
                 "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint."}),
                 "concepts": ("STRING", {"default": "golf ball\nparachute: 0.03", "multiline": True,
                                         "tooltip": "Concepts to erase, one per line. 'concept: r2' overrides r2 for "
-                                                   "that line (e.g. 'parachute: 0.03')."}),
+                                                   "that line (e.g. 'parachute: 0.03'); a concept that itself ends "
+                                                   "in ': <number>' goes in double quotes (\"Area: 51\": 0.02)."}),
                 **template_inputs(),
                 "r1": r1_input(),
                 "r2": r2_input(),
                 "alpha": alpha_input(),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "1 zeroes the pruned connections (the paper)."}),
+                "strength": strength_input("1 zeroes the pruned connections (the paper)."),
                 "fusion": fusion_input(),
                 **sampling_inputs(),
             },
+            "optional": custom_prompt_inputs(),
         }
 
-    def forget(self, model, clip, concepts, template, r1, r2, alpha, strength, fusion="concept-agnostic", **kwargs):
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_name=None):
+        return validate_sampler(sampler_name)
+
+    def forget(self, model, clip, concepts, template, r1, r2, alpha, strength, fusion="concept-agnostic",
+               custom_template="", base_prompts="", **kwargs):
         node = "FIAForgetConcepts"
-        items = parse_concepts(concepts, r2, node)
-        settings = settings_from(node, kwargs, r1)
-        bar = progress_bar(len(items) * settings.saliency_steps)
-        # held for the loop: every concept shares |W| and its per-model column order
-        weight_abs = abs_weights(model, target_layers(model, settings.target))
-        masks = []
-        for n, (concept, concept_r2) in enumerate(items):
-            pairs = make_pairs(node, concept, template, kwargs["num_prompts"], kwargs["seed"])
+        with NodeRun(node) as run:
+            check_inputs(node, self.INPUT_TYPES(), dict(template=template, r1=r1, r2=r2, alpha=alpha,
+                                                        strength=strength, fusion=fusion, **kwargs))
+            entries = concept_entries(node, concepts, r2)
+            settings = settings_from(node, kwargs, r1)
+            pairs = [make_pairs(node, e.name, template, kwargs["num_prompts"], kwargs["seed"], custom_template,
+                                base_prompts) for e in entries]
+            steps = settings.saliency_steps
+            bar = progress_bar(len(entries) * steps)
+            # held to the end: every concept and the patch share |W| and its per-model column order
+            weight_abs = abs_weights(model, target_layers(model, settings.target))
+            masks, cached, notes = [], [], []
+            for n, (entry, concept_pairs) in enumerate(zip(entries, pairs)):
+                def progress(done, total, n=n):
+                    bar(n * steps + done * steps // max(1, total), len(entries) * steps)
 
-            def progress(done, total, n=n):
-                bar(n * settings.saliency_steps + done * settings.saliency_steps // max(1, total),
-                    len(items) * settings.saliency_steps)
-
-            saliency, _ = concept_saliency(model, clip, concept, pairs, settings, progress=progress)
-            masks.append(saliency.select(r2=concept_r2))
-            del saliency  # one concept's saliency at a time: memory stays flat in the concept count
-        del weight_abs
-        fused = fuse_masks(masks, None if fusion == "union" else alpha)
-        log.info("FIA: %s", summary_line(fused))
-        patched = apply_mask(model, fused, strength, node=node)
-        return {"ui": {"fia_summary": [short_summary(fused)]}, "result": (patched, fused)}
+                done = concept_saliency(model, clip, entry.name, concept_pairs, settings, progress=progress)
+                if done.cached:
+                    cached.append(entry.name)
+                notes.extend(n_ if entry.name in n_ else f"{entry.name}: {n_}" for n_ in done.notes)
+                masks.append(select_concept_mask(done.saliency, entry.r2))
+                notes.extend(mask_warnings(masks[-1]))
+                del done  # one concept's saliency at a time: memory stays flat in the concept count
+            fused = fuse_masks(masks, None if fusion == "union" else alpha)
+            log.info("FIA: %s", summary_line(fused))
+            patched = apply_mask(model, fused, strength, node=node)
+            del weight_abs
+            summary = run.summary(dict(mask_summary(fused, notes), cached=cached))
+        return {"ui": {"fia_summary": [summary]}, "result": (patched, fused)}

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..fia_core import fuse_masks
-from .common import MASK, alpha_input, fusion_input
-from .report import short_summary
+from .common import MASK, FIAError, NodeRun, alpha_input, check_inputs, fusion_input
+from .report import mask_summary
 
 
 class FIAFuseMasks:
@@ -30,11 +30,15 @@ class FIAFuseMasks:
         }
 
     def fuse(self, mask_1, alpha, fusion="concept-agnostic", **more):
+        node = "FIAFuseMasks"
         names = sorted((k for k in more if k.startswith("mask_") and more[k] is not None),
                        key=lambda k: int(k.split("_")[1]) if k.split("_")[1].isdigit() else 1 << 30)
         masks = [mask_1] + [more[k] for k in names]
-        try:
-            fused = fuse_masks(masks, None if fusion == "union" else alpha)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"FIAFuseMasks: {e}") from None
-        return {"ui": {"fia_summary": [short_summary(fused)]}, "result": (fused,)}
+        with NodeRun(node) as run:
+            check_inputs(node, self.INPUT_TYPES(), {"alpha": alpha, "fusion": fusion})
+            try:
+                fused = fuse_masks(masks, None if fusion == "union" else alpha)
+            except TypeError as e:  # something else than a mask on a mask input
+                raise FIAError(f"{node}: {e}") from None
+            summary = run.summary(mask_summary(fused))
+        return {"ui": {"fia_summary": [summary]}, "result": (fused,)}

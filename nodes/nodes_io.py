@@ -6,10 +6,10 @@ import os
 
 import folder_paths
 
-from ..fia_core import MaskFileError, load_mask, save_mask
-from .common import MASK
+from ..fia_core import load_mask, save_mask
+from .common import MASK, FIAInputError, NodeRun, check_file_prefix
 from .mask_folder import FOLDER, mask_names, save_dir
-from .report import layer_chart, short_summary, text_report
+from .report import layer_chart, mask_summary, text_report
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +31,26 @@ class FIASaveMask:
         }}
 
     def save(self, mask, filename_prefix):
-        root = save_dir()
-        os.makedirs(root, exist_ok=True)
-        prefix = (filename_prefix or "").strip() or "fia_mask"
-        try:
-            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, root)
-        except Exception as e:  # ComfyUI raises a bare Exception for a path escaping the folder
-            raise ValueError(f"FIASaveMask: input 'filename_prefix' {prefix!r} is not a file name inside "
-                             f"models/{FOLDER} ({e})") from None
-        os.makedirs(folder, exist_ok=True)
-        file = f"{name}_{counter:05}_.safetensors"
-        save_mask(mask, os.path.join(folder, file))
-        rel = os.path.join(subfolder, file) if subfolder else file
-        log.info("FIA: saved mask to %s", os.path.join(folder, file))
-        return {"ui": {"fia_summary": [dict(short_summary(mask), file=rel)]}}
+        node, name = "FIASaveMask", "filename_prefix"
+        with NodeRun(node) as run:
+            root = save_dir()
+            prefix = check_file_prefix(node, name, (filename_prefix or "").strip() or "fia_mask")
+            try:
+                folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, root)
+            except Exception as e:  # ComfyUI raises a bare Exception for a path escaping the folder
+                raise FIAInputError(node, name, f"{prefix!r} is not a file name inside models/{FOLDER} ({e})") from None
+            file = f"{stem}_{counter:05}_.safetensors"
+            path = os.path.join(folder, file)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                save_mask(mask, path)
+            except Exception as e:  # OSError, safetensors' own error type: the file system said no
+                raise FIAInputError(node, name, f"{prefix!r}: the mask could not be written to models/{FOLDER} "
+                                                f"({type(e).__name__}: {e})") from None
+            rel = os.path.join(subfolder, file) if subfolder else file
+            log.info("FIA: saved mask to %s", path)
+            summary = run.summary(dict(mask_summary(mask), file=rel))
+        return {"ui": {"fia_summary": [summary]}}
 
 
 class FIALoadMask:
@@ -60,12 +66,18 @@ class FIALoadMask:
         return {"required": {"mask_name": (mask_names(), {"tooltip": "A mask file in models/fia_masks."})}}
 
     def load(self, mask_name):
-        path = folder_paths.get_full_path_or_raise(FOLDER, mask_name)
-        try:
-            mask = load_mask(path)
-        except MaskFileError as e:
-            raise ValueError(f"FIALoadMask: input 'mask_name': {e}") from None
-        return {"ui": {"fia_summary": [short_summary(mask)]}, "result": (mask,)}
+        node, name = "FIALoadMask", "mask_name"
+        with NodeRun(node) as run:
+            path = folder_paths.get_full_path(FOLDER, mask_name) if mask_name else None
+            if path is None:
+                raise FIAInputError(node, name, f"{mask_name!r} is not a file in models/{FOLDER}")
+            try:
+                mask = load_mask(path)
+            except Exception as e:  # MaskFileError says why; anything else is a damaged file too
+                why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                raise FIAInputError(node, name, f"{mask_name!r} cannot be used: {why}") from None
+            summary = run.summary(mask_summary(mask))
+        return {"ui": {"fia_summary": [summary]}, "result": (mask,)}
 
 
 class FIAMaskInfo:
@@ -83,5 +95,7 @@ class FIAMaskInfo:
         return {"required": {"mask": (MASK, {"tooltip": "A concept or fused mask."})}}
 
     def info(self, mask):
-        report = text_report(mask)
-        return {"ui": {"text": [report], "fia_summary": [short_summary(mask)]}, "result": (report, layer_chart(mask))}
+        with NodeRun("FIAMaskInfo") as run:
+            report = text_report(mask)
+            summary = run.summary(mask_summary(mask))
+        return {"ui": {"text": [report], "fia_summary": [summary]}, "result": (report, layer_chart(mask))}

@@ -3,27 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from ..fia_core import ConceptSaliency
-from ..fia_core.prompts import build_prompt_pairs
-from .common import MASK, SALIENCY, FIAInputError, progress_bar, r1_input, r2_input, sampling_inputs, settings_from, split_lines, template_inputs
-from .report import short_summary, summary_line
-from .saliency_runner import concept_saliency
+from ..fia_core import select_concept_mask
+from .common import (MASK, SALIENCY, NodeRun, check_inputs, concept_name, custom_prompt_inputs, make_pairs,
+                     progress_bar, r1_input, r2_input, sampling_inputs, settings_from, template_inputs,
+                     validate_sampler)
+from .report import mask_summary, summary_line
+from .saliency import concept_saliency
 
 log = logging.getLogger(__name__)
-
-
-def make_pairs(node: str, concept: str, template: str, num_prompts: int, seed: int,
-               custom_template: str = "", base_prompts: str = ""):
-    if not concept.strip():
-        raise FIAInputError(node, "concept", "is empty: type the concept to erase, e.g. 'golf ball'")
-    if template == "custom" and "{concept}" not in (custom_template or ""):
-        raise FIAInputError(node, "custom_template", 'must contain "{concept}" when template is custom, '
-                                                      'e.g. "a {concept} in a {place}"')
-    try:
-        return build_prompt_pairs(concept.strip(), template, num_prompts, seed,
-                                  custom_template or None, split_lines(base_prompts) or None)
-    except ValueError as e:
-        raise FIAInputError(node, "template", f"could not build prompts: {e}") from None
 
 
 class FIAConceptSaliency:
@@ -49,25 +36,26 @@ class FIAConceptSaliency:
                 "r1": r1_input(),
                 **sampling_inputs(),
             },
-            "optional": {
-                "custom_template": ("STRING", {"default": "", "multiline": False,
-                                               "tooltip": "Used when template is custom: must contain {concept}; may use "
-                                                          "{place}, {person} or {object}."}),
-                "base_prompts": ("STRING", {"default": "", "multiline": True,
-                                            "tooltip": "Optional base prompts, one per line (the context without the "
-                                                       "concept); they replace the template's base side."}),
-            },
+            "optional": custom_prompt_inputs(),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_name=None):
+        return validate_sampler(sampler_name)
 
     def compute(self, model, clip, concept, template, r1, custom_template="", base_prompts="", **kwargs):
         node = "FIAConceptSaliency"
-        pairs = make_pairs(node, concept, template, kwargs["num_prompts"], kwargs["seed"], custom_template, base_prompts)
-        settings = settings_from(node, kwargs, r1)
-        saliency, cached = concept_saliency(model, clip, concept.strip(), pairs, settings,
-                                            progress=progress_bar(settings.saliency_steps))
-        text = f"{concept.strip()}: {len(pairs)} prompt pairs, {settings.saliency_steps} steps, {settings.mode}" + \
-               (" (cached)" if cached else "")
-        return {"ui": {"fia_summary": [{"text": text, "cached": cached}]}, "result": (saliency,)}
+        with NodeRun(node) as run:
+            check_inputs(node, self.INPUT_TYPES(), dict(template=template, r1=r1, **kwargs))
+            name = concept_name(node, concept)
+            pairs = make_pairs(node, name, template, kwargs["num_prompts"], kwargs["seed"], custom_template,
+                               base_prompts)
+            settings = settings_from(node, kwargs, r1)
+            done = concept_saliency(model, clip, name, pairs, settings, progress=progress_bar(settings.saliency_steps))
+            text = f"{name}: {len(pairs)} prompt pairs, {settings.saliency_steps} steps, {settings.mode}" + \
+                   (" (cached)" if done.cached else "")
+            summary = run.summary({"text": text, "cached": done.cached}, done.notes)
+        return {"ui": {"fia_summary": [summary]}, "result": (done.saliency,)}
 
 
 class FIABuildConceptMask:
@@ -86,7 +74,11 @@ class FIABuildConceptMask:
             "r2": r2_input(),
         }}
 
-    def build(self, saliency: ConceptSaliency, r2: float):
-        mask = saliency.select(r2=r2, progress=progress_bar(len(saliency.layer_shapes)))
-        log.info("FIA: %s", summary_line(mask))
-        return {"ui": {"fia_summary": [short_summary(mask)]}, "result": (mask,)}
+    def build(self, saliency, r2: float):
+        node = "FIABuildConceptMask"
+        with NodeRun(node) as run:
+            check_inputs(node, self.INPUT_TYPES(), {"r2": r2})
+            mask = select_concept_mask(saliency, r2, progress=progress_bar(len(saliency.layer_shapes)))
+            log.info("FIA: %s", summary_line(mask))
+            summary = run.summary(mask_summary(mask))
+        return {"ui": {"fia_summary": [summary]}, "result": (mask,)}

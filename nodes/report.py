@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..fia_core import NeuronMask
+from ..fia_core import NeuronMask, mask_warnings
 
 
 def short_summary(mask: NeuronMask) -> dict:
@@ -20,6 +20,13 @@ def short_summary(mask: NeuronMask) -> dict:
         "layers": len(s["layers"]),
         "agnostic_kept": s["agnostic_kept"],
     }
+
+
+def mask_summary(mask: NeuronMask, warnings=()) -> dict:
+    """short_summary with "warnings": ``warnings`` first, then what fia_core.mask_warnings
+    says about the mask (prunes nothing or far less than asked, identical sources, sources
+    from different checkpoints)."""
+    return dict(short_summary(mask), warnings=list(dict.fromkeys([*warnings, *mask_warnings(mask)])))
 
 
 def summary_line(mask: NeuronMask) -> str:

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from ..fia_core import normalize_concept
 from ..fia_core.prompts import PLACEHOLDERS, TEMPLATES, fill_placeholders
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ async def check_concepts(request):
         body = await request.json()
         if not isinstance(body, dict):
             raise ValueError("the body must be a JSON object")
-        concepts = _strings(body.get("concepts"), "concepts")
+        # counted as the nodes will use them (normalised like fia_core.parse_concept_list does)
+        concepts = [c for c in map(normalize_concept, _strings(body.get("concepts"), "concepts")) if c]
         bases = _strings(body.get("base_prompts"), "base_prompts")
         template = body.get("template", "objects")
         custom = body.get("custom_template", "") or ""

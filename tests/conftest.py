@@ -3,7 +3,7 @@
 Fixtures (all cheap: ComfyUI is imported once per session, ~2-7 s; each tiny model
 builds in well under a second):
 
-* ``comfy`` (session): the namespace of :func:`comfy_harness.import_comfy` (``nodes``,
+* ``comfy`` (session): the namespace of :func:`devkit.comfyui.import_comfy` (``nodes``,
   ``comfy``, ``folder_paths``, ``args``, ``path``); folder_paths points at
   ``comfy_base_dir``. Skips the test when ComfyUI cannot be found or imported, or fails
   it when ``FIA_REQUIRE_COMFY=1`` (set by ``.ci/run``).
@@ -14,16 +14,19 @@ builds in well under a second):
   the clone, remove hooks in ``finally``.
 * ``tiny_clip``, ``tiny_sdxl_clip`` (per test): clones of session-built tiny CLIPs.
 * ``tiny_vae`` (session), ``tiny_checkpoint`` (session: path of a tiny SD15
-  all-in-one safetensors, see comfy_harness.save_tiny_checkpoint).
+  all-in-one safetensors, see devkit.zoo.save_tiny_checkpoint).
 
 ``OMP_NUM_THREADS`` defaults to 1 for the session (see below).
 
-Tests using ``comfy`` (directly or through another fixture) get the ``comfy`` marker.
+Tests using ``comfy`` (directly or through another fixture) get the ``comfy`` marker;
+tests in the modules of ``ALL_VERSIONS_MODULES`` get ``all_versions`` (what .ci/run runs
+on ComfyUI 0.8.0 too).
 Server tests should request ``comfy`` too (to skip cleanly without ComfyUI) and use
-``comfy_harness.ComfyServer``.
+``H.ComfyServer`` (``from devkit import harness as H``).
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -34,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-import comfy_harness as H  # noqa: E402
+from devkit import harness as H  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -48,10 +51,30 @@ def pytest_configure(config):
         config.args[:] = [str(TESTS_DIR)]
 
 
+#: Test modules that .ci/run also runs on ComfyUI 0.8.0 (marker ``all_versions``, added
+#: here by file name): the harness, the nodes, the runner, the real server and editor,
+#: quantized weights, SD2 and saving erased checkpoints. The rest (the pure library, the
+#: toy benchmark, the demo, the performance benchmark) runs on 0.3.75 only.
+ALL_VERSIONS_MODULES = ("test_harness.py", "test_nodes.py", "test_nodes_*.py", "test_runner_*.py",
+                        "test_workflows_server.py", "test_browser.py", "test_quant_*.py",
+                        "test_sd2*.py", "test_checkpoint_save*.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "comfy" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.comfy)
+        if any(fnmatch.fnmatch(item.path.name, pat) for pat in ALL_VERSIONS_MODULES):
+            item.add_marker(pytest.mark.all_versions)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # item.rep_setup / rep_call / rep_teardown: lets fixtures see whether the test failed
+    # (test_browser reloads the editor after a failure).
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
 
 
 def pytest_runtest_setup(item):

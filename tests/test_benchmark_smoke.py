@@ -1,4 +1,4 @@
-"""benchmarks/bench_fia.py still runs: its --smoke mode (tiny model, tiny shapes, one
+"""benchmarks/bench_fia.py still runs: ``python -m benchmarks.bench_fia --smoke`` (tiny model, tiny shapes, one
 repeat) in a subprocess, checking the report's structure and the invariants that do not
 depend on timing (no timed assertions: the machine is shared)."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_benchmark_smoke_mode(comfy, tmp_path):
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fia.py"), "--smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fia", "--smoke", "--out", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "cpu-smoke.json").read_text())

@@ -1,19 +1,25 @@
 """The FIA frontend extension in a real editor: headless Chromium (Debian's ``chromium``,
-driven by Playwright, never a downloaded browser) against a real ComfyUI 0.3.75 server
-started here with the pack installed and a tiny checkpoint.
+driven by Playwright, never a downloaded browser) against a real ComfyUI server (the test
+ComfyUI: 0.3.75 or 0.8.0, see devkit.comfyui) started here with the pack installed and a
+tiny checkpoint.
 
 Checks, in order: the editor loads the FIA extension without JS errors; every FIA node is
 found through the node search and added; the example workflows load from the template
-browser (and one by file) without missing nodes, and the editor's own UI->API conversion
-matches tests/workflow_convert.py; FIA Fuse Masks grows and shrinks its mask inputs and a
+browser where the editor lists them (with ComfyUI's workflow-templates package installed,
+as in a real install: Extensions > the pack's folder; without it: All Templates), and one
+by file, without missing nodes, and the editor's own UI->API conversion
+matches devkit/workflow_convert.py; FIA Fuse Masks grows and shrinks its mask inputs and a
 saved workflow reloads with the same inputs; concept warnings appear; a small end-to-end
 run shows the FIA summaries on the nodes. Screenshots go to tests/out/.
 
 Without a chromium executable the module is skipped (or fails with FIA_REQUIRE_BROWSER=1,
-which .ci/run sets after installing it); the reason is printed.
+which .ci/run sets after installing it); the reason is printed. After a failed test, or a
+test that left a dialog open, the page is reloaded, so one failure does not leave UI state
+that breaks the next test.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy_harness as H
-import workflow_convert as WC
+from devkit import harness as H
+from devkit import workflow_convert as WC
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 
@@ -75,12 +81,27 @@ class Editor:
     def __init__(self, page, url: str):
         self.page = page
         self.url = url
+        self.loads = 0
         self.page_errors: list[str] = []
         self.console_errors: list[str] = []
         self.responses: dict[str, int] = {}
         page.on("pageerror", lambda e: self.page_errors.append(f"{e}\n{getattr(e, 'stack', '') or ''}"))
         page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
         page.on("response", lambda r: self.responses.__setitem__(r.url, r.status) if "/extensions/" in r.url else None)
+
+    def open(self) -> None:
+        """(Re)load the editor and wait until the FIA extension is registered."""
+        t0 = time.monotonic()
+        self.page.goto(self.url + "/", wait_until="load", timeout=180_000)
+        self.wait_for("() => window.app?.graph && app.canvas && app.extensionManager && "
+                      "app.extensions?.some((e) => e.name === 'FIA.Summary')", timeout=180_000)
+        self.js(PROBE_JS)
+        self.loads += 1
+        print(f"[test_browser] editor ready in {time.monotonic() - t0:.1f} s (load {self.loads})")
+
+    def dialog_open(self) -> bool:
+        return bool(self.js("() => [...document.querySelectorAll('.p-dialog, .p-dialog-mask')]"
+                            ".some((e) => e.getClientRects().length > 0)"))
 
     def js(self, expression: str, arg=None):
         return self.page.evaluate(expression, arg)
@@ -127,15 +148,31 @@ def editor(server):
             # The "try Nodes 2.0" banner only takes room in screenshots.
             page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
             ed = Editor(page, server.url)
-            t0 = time.monotonic()
-            page.goto(server.url + "/", wait_until="load", timeout=180_000)
-            ed.wait_for("() => window.app?.graph && app.canvas && app.extensionManager && "
-                        "app.extensions?.some((e) => e.name === 'FIA.Summary')", timeout=180_000)
-            ed.js(PROBE_JS)
-            print(f"[test_browser] editor ready in {time.monotonic() - t0:.1f} s")
+            ed.open()
             yield ed
         finally:
             ctx.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_editor_after_failure(request):
+    """After each editor test: a failed test (or one that left a dialog open) gets the page
+    reloaded, so its UI state cannot break the next test."""
+    yield
+    if "editor" not in request.fixturenames:
+        return
+    ed = request.getfixturevalue("editor")
+    rep = getattr(request.node, "rep_call", None)
+    failed = rep is None or rep.failed
+    try:
+        dirty = failed or ed.dialog_open()
+    except Exception:  # the page itself is broken
+        dirty = True
+    if dirty:
+        print(f"[test_browser] reloading the editor after {request.node.name} "
+              f"({'failed' if failed else 'left a dialog open'})")
+        ed.page.keyboard.press("Escape")
+        ed.open()
 
 
 def fia_errors(messages: list[str]) -> list[str]:
@@ -241,7 +278,7 @@ def _loaded_ok(editor: Editor, name: str, object_info: dict) -> None:
     assert missing == [], f"{name}: missing nodes {missing}"
     assert sorted(graph_types(editor)) == sorted(n["type"] for n in wf["nodes"])
     assert not editor.js("() => app.graph.nodes.some((n) => n.has_errors)")
-    # The editor's own UI->API conversion agrees with tests/workflow_convert.py.
+    # The editor's own UI->API conversion agrees with devkit/workflow_convert.py.
     ours = WC.convert(wf, object_info)
     theirs = json.loads(editor.js("async () => JSON.stringify((await app.graphToPrompt()).output)"))
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
@@ -252,11 +289,32 @@ def _loaded_ok(editor: Editor, name: str, object_info: dict) -> None:
         assert got == [i["name"] for i in n["inputs"] if i["name"].startswith("mask_")]
 
 
+def templates_package_installed() -> bool:
+    """ComfyUI's own workflow templates (comfyui-workflow-templates, in a real install's
+    requirements) in the server's environment (the test's python runs the server)."""
+    return importlib.util.find_spec("comfyui_workflow_templates") is not None
+
+
+def open_pack_templates(editor: Editor) -> None:
+    """Open the template browser where it lists this pack's examples: with ComfyUI's
+    templates installed the pack has its own entry under Extensions (its folder name);
+    without them its examples are the whole "All Templates" list."""
+    editor.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    editor.page.locator('[data-testid="template-workflows-content"]').wait_for(state="visible")
+    entry = editor.page.locator("[role=dialog] nav").get_by_text(H.PACK_DIR_NAME, exact=True)
+    if templates_package_installed():
+        entry.first.wait_for(state="visible")  # missing: the editor does not list the pack
+        entry.first.click()
+    else:
+        assert entry.count() == 0, "no templates package, yet the editor lists the pack under Extensions"
+
+
 def test_example_workflows_load_from_template_browser(editor, server):
     mark = error_mark(editor)
     info = server.get("/object_info")
+    assert set(server.get("/api/workflow_templates")[H.PACK_DIR_NAME]) == set(EXAMPLES)
     for name in EXAMPLES:
-        editor.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        open_pack_templates(editor)
         card = editor.page.locator(f'[data-testid="template-workflow-{name}"]')
         card.wait_for(state="visible")
         before = editor.js("() => window.__fiaProbe.missing.length")

@@ -1,86 +1,19 @@
-"""Eq. 1, 3, 4-6 of the FIA method against slow references written from the method page
-(docs/fia-method.md), not from fia_core's code: python loops and float64 numpy.
+"""Eq. 1, 3, 4-6 of the FIA method against the slow references of devkit/oracles.py
+(written from the method page, not from fia_core's code: python loops and float64 numpy).
 
 Eq. 2 and the recorder's batch merging are covered in test_core_saliency.py.
 """
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import numpy as np
 import pytest
 import torch
 
-from fia_core import SensitivityIntegrator, select_concept_neurons, select_from_sensitivity, top_fraction_count
+from fia_core import StepSaliency, select_concept_mask, top_fraction_count
+from fia_core.neurons import select_from_sensitivity
+from fia_core.sensitivity import SensitivityIntegrator
 from fia_core.saliency import column_norm_statistic, energy_statistic
-
-EPS = 1e-8
-
-
-# --------------------------------------------------------------------------- references
-def ref_count(ratio: float, count: int) -> int:
-    """max(1, floor(ratio * count)), ratio read as the decimal it was written as."""
-    return max(1, math.floor(Fraction(str(ratio)) * count))
-
-
-def ref_eq1_exact(x: np.ndarray, w: np.ndarray, eps: float = EPS) -> np.ndarray:
-    """U_ij = |W_ij| ||X_j|| |<X_j, Y_i>| / (||X_j|| ||Y_i|| + eps), Y = X W^T (no bias).
-    x: [N, C_in] tokens of one prompt, w: [C_out, C_in]."""
-    x = x.astype(np.float64)
-    w = w.astype(np.float64)
-    n, c_in = x.shape
-    c_out = w.shape[0]
-    y = np.zeros((n, c_out))
-    for t in range(n):
-        for i in range(c_out):
-            y[t, i] = sum(w[i, j] * x[t, j] for j in range(c_in))
-    u = np.zeros((c_out, c_in))
-    for i in range(c_out):
-        yi = y[:, i]
-        yn = math.sqrt(sum(v * v for v in yi))
-        for j in range(c_in):
-            xj = x[:, j]
-            xn = math.sqrt(sum(v * v for v in xj))
-            dot = sum(a * b for a, b in zip(xj, yi))
-            u[i, j] = abs(w[i, j]) * xn * abs(dot) / (xn * yn + eps)
-    return u
-
-
-def ref_fast_columns(x: np.ndarray) -> np.ndarray:
-    """||X̂_j||_2 with every token row of X L2-normalised; x: [N, C_in] -> [C_in]."""
-    x = x.astype(np.float64)
-    xh = np.array([row / math.sqrt(sum(v * v for v in row)) for row in x])
-    return np.array([math.sqrt(sum(v * v for v in xh[:, j])) for j in range(x.shape[1])])
-
-
-def ref_eq3(steps: list[np.ndarray], r1: float) -> np.ndarray:
-    """A = 1/2 mean_t S / max(mean_t S) + 1/2 mean_t 1[S_t > tau_t], tau_t = k1-th largest."""
-    steps = [np.asarray(s, dtype=np.float64) for s in steps]
-    k1 = ref_count(r1, steps[0].size)
-    mean = sum(steps) / len(steps)
-    peak = mean.max()
-    strength = mean / peak if peak > 0 else np.zeros_like(mean)
-    freq = np.zeros_like(mean)
-    for s in steps:
-        tau = sorted(s.reshape(-1).tolist(), reverse=True)[k1 - 1]
-        freq += (s > tau).astype(np.float64)
-    return 0.5 * strength + 0.5 * freq / len(steps)
-
-
-def ref_eq456(a: np.ndarray, r2: float) -> set[int]:
-    """Flat indices of (per-row top k) ∩ (layer top K), A > 0; ties to the lower index."""
-    a = np.asarray(a, dtype=np.float64)
-    c_out, c_in = a.shape
-    k = ref_count(r2, c_in)
-    big_k = ref_count(r2, c_out * c_in)
-    rows = set()
-    for i in range(c_out):
-        order = sorted(range(c_in), key=lambda j: (-a[i, j], j))
-        rows |= {i * c_in + j for j in order[:k]}
-    flat = a.reshape(-1).tolist()
-    layer = set(sorted(range(len(flat)), key=lambda f: (-flat[f], f))[:big_k])
-    return {f for f in rows & layer if flat[f] > 0}
+from devkit import oracles as O
 
 
 def indices_of(mask_layer) -> list[int]:
@@ -100,7 +33,7 @@ def test_eq1_exact_statistic_matches_loops(seed):
     q = energy_statistic(x, y)  # without |W|
     assert q.shape == (b, c_out, c_in)
     for p in range(b):
-        ref = ref_eq1_exact(x[p].numpy(), w.numpy())
+        ref = O.eq1_exact(x[p].numpy(), w.numpy())
         np.testing.assert_allclose((q[p] * w.abs()).numpy(), ref, rtol=1e-5, atol=1e-7)
 
 
@@ -119,7 +52,7 @@ def test_fast_statistic_matches_loops(seed):
     q = column_norm_statistic(x)
     assert q.shape == (4, 6)
     for p in range(4):
-        np.testing.assert_allclose(q[p].numpy(), ref_fast_columns(x[p].numpy()), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(q[p].numpy(), O.eq1_fast_columns(x[p].numpy()), rtol=1e-5, atol=1e-7)
     # every token row has unit norm after normalisation, so sum_j q_j^2 = N
     np.testing.assert_allclose(q.square().sum(1).numpy(), np.full(4, 7.0), rtol=1e-5)
 
@@ -146,7 +79,7 @@ def test_fast_statistic_zero_token_row_contributes_nothing():
 )
 def test_top_fraction_count(ratio, count, expected):
     # 0.29 * 100 and 0.57 * 100 are 28.999.. and 56.999.. in floats: the count follows the decimal
-    assert top_fraction_count(ratio, count) == expected == ref_count(ratio, count)
+    assert top_fraction_count(ratio, count) == expected == O.count(ratio, count)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5])
@@ -168,14 +101,14 @@ def test_eq3_random(seed, r1):
     rng = np.random.default_rng(seed)
     # non-negative, with exact zeros as Eq. 2's clamp produces
     steps = [np.maximum(0, rng.normal(size=(6, 9))).astype(np.float32) for _ in range(5)]
-    np.testing.assert_allclose(integrate(steps, r1), ref_eq3(steps, r1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(integrate(steps, r1), O.eq3(steps, r1), rtol=1e-6, atol=1e-7)
 
 
 def test_eq3_tiny_r1_k1_is_one_marks_nothing():
     # k1 = max(1, floor(0.001 * 12)) = 1: tau is the maximum and S > tau is never true
     steps = [np.arange(12, dtype=np.float32).reshape(3, 4) + t for t in range(3)]
     a = integrate(steps, 0.001)
-    ref = ref_eq3(steps, 0.001)
+    ref = O.eq3(steps, 0.001)
     np.testing.assert_allclose(a, ref, rtol=1e-6)
     mean = sum(np.asarray(s, np.float64) for s in steps) / 3
     np.testing.assert_allclose(a, 0.5 * mean / mean.max(), rtol=1e-6)
@@ -190,7 +123,7 @@ def test_eq3_kth_largest_zero_marks_all_positive_entries():
     for (i, j) in [(0, 1), (1, 3), (2, 0)]:
         expected[i, j] = 0.5 * s[i, j] / 2.0 + 0.5
     np.testing.assert_allclose(a, expected, rtol=1e-6)
-    np.testing.assert_allclose(a, ref_eq3([s], 0.5), rtol=1e-6)
+    np.testing.assert_allclose(a, O.eq3([s], 0.5), rtol=1e-6)
 
 
 def test_eq3_indicator_is_strict_with_ties_at_tau():
@@ -199,7 +132,7 @@ def test_eq3_indicator_is_strict_with_ties_at_tau():
     a = integrate([s], 3 / 8)  # k1 = 3
     freq = (a - 0.5 * s / 5.0) * 2
     np.testing.assert_allclose(freq, (s > 4).astype(np.float64), atol=1e-6)
-    np.testing.assert_allclose(a, ref_eq3([s], 3 / 8), rtol=1e-6)
+    np.testing.assert_allclose(a, O.eq3([s], 3 / 8), rtol=1e-6)
 
 
 def test_eq3_distinct_values_mark_k1_minus_one_per_step():
@@ -231,8 +164,8 @@ def test_eq3_integrator_layers_independent_and_release():
         integ.add("a", torch.from_numpy(a))
         integ.add("b", torch.from_numpy(b))
     assert sorted(integ.keys()) == ["a", "b"]
-    np.testing.assert_allclose(integ.sensitivity("a", release=True).numpy(), ref_eq3(s1, 0.25), rtol=1e-6)
-    np.testing.assert_allclose(integ.sensitivity("b").numpy(), ref_eq3(s2, 0.25), rtol=1e-6)
+    np.testing.assert_allclose(integ.sensitivity("a", release=True).numpy(), O.eq3(s1, 0.25), rtol=1e-6)
+    np.testing.assert_allclose(integ.sensitivity("b").numpy(), O.eq3(s2, 0.25), rtol=1e-6)
     assert integ.keys() == ["b"]
 
 
@@ -253,7 +186,7 @@ def test_eq456_random(seed, r2):
     a = rng.random((7, 12)).astype(np.float32)
     a[rng.random(a.shape) < 0.3] = 0
     got = select(a, r2)
-    assert got == sorted(ref_eq456(a, r2))
+    assert got == sorted(O.eq456(a, r2))
 
 
 def test_eq456_row_ties_go_to_lower_column():
@@ -263,14 +196,14 @@ def test_eq456_row_ties_go_to_lower_column():
     got = select(a, 0.4)
     # row 0 keeps columns 1, 2 (ties to the lower column); layer top-4 = flat 1,2,3 and then 0 (value 3)
     # -> intersection = {1, 2}; row 1's entries (value 2) are not in the layer top 4
-    assert got == [1, 2] == sorted(ref_eq456(a, 0.4))
+    assert got == [1, 2] == sorted(O.eq456(a, 0.4))
 
 
 def test_eq456_layer_ties_go_to_lower_flat_index():
     a = np.full((3, 4), 7.0, np.float32)
     # r2 = 0.5: k = 2 per row (columns 0, 1), K = 6 -> flat 0..5 -> rows 0 and 1 only
     got = select(a, 0.5)
-    assert got == [0, 1, 4, 5] == sorted(ref_eq456(a, 0.5))
+    assert got == [0, 1, 4, 5] == sorted(O.eq456(a, 0.5))
 
 
 def test_eq456_all_zero_row_never_selected():
@@ -278,7 +211,7 @@ def test_eq456_all_zero_row_never_selected():
                   [1, 2, 3, 4],
                   [0, 0, 0, 0]], np.float32)
     got = select(a, 1.0)  # k = C_in, K = all: still only the positive row
-    assert got == [4, 5, 6, 7] == sorted(ref_eq456(a, 1.0))
+    assert got == [4, 5, 6, 7] == sorted(O.eq456(a, 1.0))
 
 
 def test_eq456_all_zero_layer_selects_nothing():
@@ -290,7 +223,7 @@ def test_eq456_r2_below_one_entry_keeps_single_max():
     a = rng.random((5, 8)).astype(np.float32)
     # floor(0.01 * 8) = 0 and floor(0.01 * 40) = 0 -> k = K = 1 by max(1, .)
     got = select(a, 0.01)
-    assert got == [int(np.argmax(a))] == sorted(ref_eq456(a, 0.01))
+    assert got == [int(np.argmax(a))] == sorted(O.eq456(a, 0.01))
 
 
 def test_eq456_k_one_per_row_from_r2():
@@ -300,7 +233,7 @@ def test_eq456_k_one_per_row_from_r2():
                   [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
     got = select(a, 0.1)
     # row tops: flat 1 (9), 12 (5), row 2 has no positive; layer top-3: 1 (9), 9 (8), 12 (5)
-    assert got == [1, 12] == sorted(ref_eq456(a, 0.1))
+    assert got == [1, 12] == sorted(O.eq456(a, 0.1))
 
 
 def test_eq456_row_limit_binds():
@@ -308,7 +241,7 @@ def test_eq456_row_limit_binds():
     a = np.zeros((4, 10), np.float32)
     a[2] = np.arange(10, 0, -1)
     got = select(a, 0.3)  # k = 3, K = 12
-    assert got == [20, 21, 22] == sorted(ref_eq456(a, 0.3))
+    assert got == [20, 21, 22] == sorted(O.eq456(a, 0.3))
 
 
 @pytest.mark.parametrize("r2", [0.0, 1.5, -0.1])
@@ -332,36 +265,40 @@ def random_steps(seed, shapes, t=4, zero_frac=0.4):
 
 
 @pytest.mark.parametrize("seed,r1,r2", [(0, 0.05, 0.1), (1, 0.3, 0.25), (2, 0.001, 0.01), (3, 0.5, 0.5)])
-def test_select_concept_neurons_matches_reference(seed, r1, r2):
+def test_select_concept_mask_matches_reference(seed, r1, r2):
     shapes = {"blocks.0.ff.net.2": (6, 10), "blocks.1.ff.net.2": (4, 16), "blocks.2.ff.net.2": (3, 3)}
     steps = random_steps(seed, shapes)
-    mask = select_concept_neurons(
-        [{k: torch.from_numpy(v) for k, v in s.items()} for s in steps], r1=r1, r2=r2, concept="golf ball"
+    mask = select_concept_mask(
+        StepSaliency([{k: torch.from_numpy(v) for k, v in s.items()} for s in steps], r1=r1, concept="golf ball"), r2
     )
     assert mask.concepts == ("golf ball",)
     assert list(mask.layers) == list(shapes)
     assert mask.layer_shapes == shapes
     assert mask.params["r1"] == r1 and mask.params["r2"] == r2
     for key in shapes:
-        a = ref_eq3([s[key] for s in steps], r1)
-        assert indices_of(mask.layers[key]) == sorted(ref_eq456(a, r2)), key
+        a = O.eq3([s[key] for s in steps], r1)
+        assert indices_of(mask.layers[key]) == sorted(O.eq456(a, r2)), key
 
 
-def test_select_concept_neurons_ties_across_steps():
+def test_select_concept_mask_ties_across_steps():
     # identical values everywhere: A is constant, every choice is decided by the tie rule
     s = np.ones((3, 5), np.float32)
-    mask = select_concept_neurons([{"l": torch.from_numpy(s)}] * 3, r1=0.2, r2=0.4)
+    mask = select_concept_mask(StepSaliency([{"l": torch.from_numpy(s)}] * 3, r1=0.2), 0.4)
     # k = 2 per row (columns 0, 1); K = 6 (flat 0..5 = all of row 0 and row 1's column 0)
     # -> intersection: flat 0, 1, 5
-    assert indices_of(mask.layers["l"]) == [0, 1, 5] == sorted(ref_eq456(ref_eq3([s] * 3, 0.2), 0.4))
+    assert indices_of(mask.layers["l"]) == [0, 1, 5] == sorted(O.eq456(O.eq3([s] * 3, 0.2), 0.4))
 
 
-def test_select_concept_neurons_rejects_bad_input():
+def test_step_saliency_rejects_bad_input():
     with pytest.raises(ValueError):
-        select_concept_neurons([], r1=0.1, r2=0.1)
+        StepSaliency([], r1=0.1)
     with pytest.raises(ValueError):
-        select_concept_neurons([{"a": torch.ones(2, 2)}, {"b": torch.ones(2, 2)}], r1=0.1, r2=0.1)
+        StepSaliency([{"a": torch.ones(2, 2)}, {"b": torch.ones(2, 2)}], r1=0.1)
     with pytest.raises(ValueError):
-        select_concept_neurons([{"a": torch.ones(2, 2)}], r1=None, r2=0.1)
+        StepSaliency([{"a": torch.ones(2, 2)}], r1=None)
     with pytest.raises(TypeError):
-        select_concept_neurons({"a": torch.ones(2, 2)}, r1=0.1, r2=0.1)
+        StepSaliency({"a": torch.ones(2, 2)}, r1=0.1)
+    with pytest.raises(TypeError):
+        select_concept_mask([{"a": torch.ones(2, 2)}], 0.1)
+    with pytest.raises(ValueError):
+        select_concept_mask(StepSaliency([{"a": torch.ones(2, 2)}], r1=0.1), 0.0)

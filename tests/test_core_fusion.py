@@ -1,21 +1,15 @@
-"""Eq. 7-8 (multi-concept fusion with concept-agnostic retention) against a dense reference."""
+"""Eq. 7-8 (multi-concept fusion with concept-agnostic retention) against the dense
+reference of devkit/oracles.py, tau_ca = max(3, ceil(alpha * C))."""
 from __future__ import annotations
-
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
 from fia_core import ConceptMask, FusedMask, LayerMask, agnostic_threshold, fuse_masks
+from devkit import oracles as O
 
 SHAPES = {"down.0.ff.net.2": (4, 6), "mid.0.ff.net.2": (3, 5), "up.0.ff.net.2": (2, 8)}
-
-
-def ref_tau(alpha, c):
-    """tau_ca = max(2, ceil(alpha * C)), alpha read as a decimal."""
-    return max(2, math.ceil(Fraction(str(alpha)) * c))
 
 
 def concept_mask(name, dense: dict[str, np.ndarray], **kw) -> ConceptMask:
@@ -29,13 +23,13 @@ def random_dense(rng, density):
 
 @pytest.mark.parametrize(
     "alpha,c,expected",
-    [(0.6, 1, 2), (0.6, 2, 2), (0.6, 5, 3), (0.8, 5, 4), (1.0, 5, 5), (0.2, 5, 2), (0.6, 10, 6),
-     (0.8, 1, 2), (1.0, 2, 2), (0.7, 10, 7), (0.3, 10, 3), (0.14, 50, 7), (0.56, 25, 14)],
+    [(0.6, 1, 3), (0.6, 2, 3), (0.6, 3, 3), (0.6, 5, 3), (0.8, 5, 4), (1.0, 5, 5), (0.2, 5, 3), (0.6, 10, 6),
+     (0.8, 1, 3), (1.0, 2, 3), (1.0, 3, 3), (0.7, 10, 7), (0.3, 10, 3), (0.14, 50, 7), (0.56, 25, 14)],
 )
 def test_agnostic_threshold(alpha, c, expected):
     # 0.14 * 50 and 0.56 * 25 are 7.000000000000001 and 14.000000000000002 in floats:
     # a naive ceil would give 8 and 15; tau_ca follows the decimal alpha
-    assert agnostic_threshold(alpha, c) == expected == ref_tau(alpha, c)
+    assert agnostic_threshold(alpha, c) == expected == O.tau_ca(alpha, c)
 
 
 def test_agnostic_threshold_union_and_errors():
@@ -45,7 +39,7 @@ def test_agnostic_threshold_union_and_errors():
             agnostic_threshold(bad, 3)
 
 
-@pytest.mark.parametrize("c", [1, 2, 5])
+@pytest.mark.parametrize("c", [1, 2, 3, 5, 7])
 @pytest.mark.parametrize("alpha", [0.6, 0.8, 1.0, 0.2, None])
 def test_fusion_matches_dense_reference(c, alpha):
     rng = np.random.default_rng(100 * c + int((alpha or 0) * 10))
@@ -55,17 +49,10 @@ def test_fusion_matches_dense_reference(c, alpha):
     assert isinstance(fused, FusedMask)
     assert fused.concepts == tuple(f"concept{n}" for n in range(c))
     assert fused.layer_shapes == SHAPES
-    assert fused.params["tau_ca"] == (None if alpha is None else ref_tau(alpha, c))
+    assert fused.params["tau_ca"] == (None if alpha is None else O.tau_ca(alpha, c))
     total_pruned = 0
     for key, shape in SHAPES.items():
-        s = sum(d[key].astype(int) for d in dense)  # Eq. 7
-        if alpha is None:
-            prune = s > 0
-            keep = np.zeros_like(prune)
-        else:
-            tau = ref_tau(alpha, c)
-            prune = (s > 0) & (s < tau)  # Eq. 8
-            keep = s >= tau
+        prune, keep = O.eq78([d[key] for d in dense], alpha)
         assert fused.layers[key].indices.tolist() == np.flatnonzero(prune).tolist()
         assert fused.layers[key].indices.dtype == torch.int64
         assert fused.agnostic[key].tolist() == np.flatnonzero(keep).tolist()
@@ -78,7 +65,7 @@ def test_fusion_matches_dense_reference(c, alpha):
 
 
 def test_single_concept_is_pruned_whole():
-    """The reference code's ceil(alpha * 1) = 1 would keep everything; tau_ca = 2 prunes it."""
+    """The reference code's ceil(alpha * 1) = 1 would keep everything; tau_ca = 3 prunes it."""
     rng = np.random.default_rng(1)
     d = random_dense(rng, 0.3)
     m = concept_mask("naked", d)
@@ -89,18 +76,57 @@ def test_single_concept_is_pruned_whole():
             assert fused.agnostic[key].numel() == 0
 
 
-def test_two_concepts_shared_connections_are_kept():
+def test_two_concepts_give_the_union():
+    """C = 2: tau_ca = 3 > C, so nothing is agnostic and both masks are pruned whole."""
     a = {k: np.zeros(s, bool) for k, s in SHAPES.items()}
     b = {k: np.zeros(s, bool) for k, s in SHAPES.items()}
     key = "down.0.ff.net.2"
     a[key][0, [0, 1, 2]] = True
     b[key][0, [2, 3]] = True
-    fused = fuse_masks([concept_mask("a", a), concept_mask("b", b)], alpha=0.6)  # tau = 2
-    assert fused.layers[key].indices.tolist() == [0, 1, 3]
-    assert fused.agnostic[key].tolist() == [2]
-    union = fuse_masks([concept_mask("a", a), concept_mask("b", b)], alpha=None)
-    assert union.layers[key].indices.tolist() == [0, 1, 2, 3]
-    assert union.agnostic[key].numel() == 0
+    for alpha in (0.6, 0.8, 1.0, None):
+        fused = fuse_masks([concept_mask("a", a), concept_mask("b", b)], alpha=alpha)
+        assert fused.layers[key].indices.tolist() == [0, 1, 2, 3]
+        assert fused.agnostic[key].numel() == 0
+        assert all(fused.layers[k].count == 0 for k in SHAPES if k != key)
+
+
+def test_three_concepts_keep_only_what_all_three_select():
+    """C = 3, alpha 0.6: ceil(1.8) = 2 but tau_ca = max(3, 2) = 3."""
+    key = "mid.0.ff.net.2"
+    picks = {"a": [0, 1, 2, 5], "b": [1, 2, 6], "c": [2, 7, 1]}  # 1 and 2: all three
+    masks = []
+    for name, flat in picks.items():
+        d = {k: np.zeros(s, bool) for k, s in SHAPES.items()}
+        d[key].reshape(-1)[flat] = True
+        masks.append(concept_mask(name, d))
+    fused = fuse_masks(masks, alpha=0.6)
+    assert fused.params["tau_ca"] == 3
+    assert fused.agnostic[key].tolist() == [1, 2]
+    assert fused.layers[key].indices.tolist() == [0, 5, 6, 7]
+
+
+def test_five_concepts_follow_the_paper():
+    """C = 5 at the paper's alphas: tau_ca = ceil(alpha * C) as in Eq. 8 (3 and 4)."""
+    rng = np.random.default_rng(11)
+    dense = [random_dense(rng, 0.6) for _ in range(5)]
+    masks = [concept_mask(f"c{n}", d) for n, d in enumerate(dense)]
+    for alpha, tau in ((0.6, 3), (0.8, 4)):
+        fused = fuse_masks(masks, alpha=alpha)
+        assert fused.params["tau_ca"] == tau
+        for key in SHAPES:
+            s = sum(d[key].astype(int) for d in dense)
+            assert fused.layers[key].indices.tolist() == np.flatnonzero((s > 0) & (s < tau)).tolist()
+            assert fused.agnostic[key].tolist() == np.flatnonzero(s >= tau).tolist()
+
+
+def test_identical_masks_never_fuse_to_empty():
+    """The same mask twice under two names prunes the concept, not nothing (before, with
+    tau_ca = 2, it fused to an empty mask)."""
+    d = random_dense(np.random.default_rng(5), 0.3)
+    masks = [concept_mask(f"golf ball {n}", d) for n in range(2)]
+    fused = fuse_masks(masks, alpha=0.6)
+    for key in SHAPES:
+        assert fused.layers[key].indices.tolist() == np.flatnonzero(d[key]).tolist()
 
 
 def test_refusing_a_fused_mask_uses_its_sources():
@@ -120,7 +146,7 @@ def test_fusion_errors():
     a = concept_mask("a", random_dense(rng, 0.5))
     with pytest.raises(ValueError):
         fuse_masks([])
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="same concept"):
         fuse_masks([a, concept_mask("a", random_dense(rng, 0.5))])
     other = {"x.ff.net.2": rng.random((4, 6)) < 0.5}
     with pytest.raises(ValueError, match="different layers"):
@@ -137,3 +163,45 @@ def test_fingerprint_kept_only_when_all_agree():
     assert fuse_masks([a, b]).fingerprint == "f1"
     assert fuse_masks([a, c]).fingerprint == ""
     assert fuse_masks([a, b]).architecture == "arch"
+
+
+@pytest.mark.parametrize("first,second", [("golf ball", "golf  ball"), ("cross", "Cross"),
+                                          ("cross", "cross\u200b"), ("ｇｏｌｆ", "GOLF")])
+def test_duplicate_concepts_are_refused_naming_both(first, second):
+    """The same concept from two saliency nodes (other spacing, case or invisible
+    characters) is refused instead of fusing to nothing."""
+    rng = np.random.default_rng(6)
+    masks = [concept_mask(first, random_dense(rng, 0.3)), concept_mask("other", random_dense(rng, 0.3)),
+             concept_mask(second, random_dense(rng, 0.3))]
+    with pytest.raises(ValueError) as e:
+        fuse_masks(masks, alpha=0.6)
+    assert f"'{first}' and '{second}' are the same concept" in str(e.value)
+    # also when one of them comes inside a fused mask
+    with pytest.raises(ValueError, match="same concept"):
+        fuse_masks([fuse_masks(masks[:2]), masks[2]])
+
+
+def test_unnamed_masks_fuse_with_distinct_names():
+    rng = np.random.default_rng(7)
+    dense = [random_dense(rng, 0.4) for _ in range(3)]
+    unnamed = [concept_mask("", dense[0]), concept_mask("  ", dense[1])]
+    fused = fuse_masks(unnamed, alpha=0.6)
+    assert fused.concepts == ("unnamed concept 1", "unnamed concept 2")
+    assert [s.concepts for s in fused.sources] == [("unnamed concept 1",), ("unnamed concept 2",)]
+    for key in SHAPES:  # C = 2: the union
+        assert fused.layers[key].indices.tolist() == np.flatnonzero(dense[0][key] | dense[1][key]).tolist()
+    # re-fused with another unnamed mask: the new one takes the next free name
+    again = fuse_masks([concept_mask("", dense[2]), fused])
+    assert again.concepts == ("unnamed concept 3", "unnamed concept 1", "unnamed concept 2")
+    assert fuse_masks([concept_mask("unnamed concept 1", dense[0]), concept_mask("", dense[1])]).concepts == \
+        ("unnamed concept 1", "unnamed concept 2")
+
+
+def test_fused_mask_keeps_its_sources_fingerprints():
+    rng = np.random.default_rng(8)
+    a = concept_mask("a", random_dense(rng, 0.5), fingerprint="f1")
+    c = concept_mask("c", random_dense(rng, 0.5), fingerprint="f2")
+    fused = fuse_masks([a, c])
+    assert fused.fingerprint == ""
+    assert [s.fingerprint for s in fused.sources] == ["f1", "f2"]
+    assert [s.fingerprint for s in fuse_masks([fused]).sources] == ["f1", "f2"]

@@ -77,7 +77,7 @@ def test_concept_mask_round_trip(tmp_path):
 
 
 def test_fused_mask_round_trip(tmp_path):
-    srcs = [concept_mask(f"c{i}", i, fingerprint="fp") for i in range(3)]
+    srcs = [concept_mask(f"c{i}", i, density=0.5, fingerprint="fp") for i in range(3)]  # tau_ca = 3: all three
     fused = fuse_masks(srcs, alpha=0.6)
     assert any(a.numel() for a in fused.agnostic.values()), "test data should have agnostic entries"
     p = tmp_path / "fused.safetensors"
@@ -117,8 +117,11 @@ def read_raw(path):
 
 
 def rewrite(src, dst, tensors=None, header=None, edit=None, metadata=None):
+    """Re-save ``src`` edited. The checksum is dropped (a damaged file without one), so
+    these tests reach the validation behind the checksum; the checksum has its own tests."""
     t, meta = read_raw(src)
     h = json.loads(meta[HEADER_KEY])
+    h.pop("checksum", None)
     if edit:
         edit(t, h)
     if metadata is None:
@@ -358,3 +361,72 @@ def test_apply_mask_rejects_bad_strength():
 @pytest.mark.parametrize("text", ["[1, 2]", '"fia"', "3", "null"])
 def test_header_json_not_an_object(saved, tmp_path, text):
     load_fails(rewrite(saved, tmp_path / "obj.safetensors", metadata={HEADER_KEY: text}), "damaged header")
+
+
+# --------------------------------------------------------------------------- checksum, header limits
+def flip_sorted_bit(path, tensor="layer1"):
+    """Flip the lowest bit of one index of ``tensor`` in the file's bytes such that the
+    indices stay sorted, unique and in range; returns (position, old value, new value)."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    info = json.loads(data[8:8 + n])[tensor]
+    assert info["dtype"] == "I32"
+    start = 8 + n + info["data_offsets"][0]
+    idx = np.frombuffer(bytes(data[start:8 + n + info["data_offsets"][1]]), dtype="<i4")
+    i = next(i for i in range(len(idx) - 1) if idx[i] % 2 == 0 and idx[i] + 1 < idx[i + 1])
+    data[start + 4 * i] ^= 1
+    path.write_bytes(bytes(data))
+    return i, int(idx[i]), int(idx[i]) + 1
+
+
+def test_saved_files_carry_a_checksum(saved):
+    from fia_core.mask_io import content_checksum
+
+    tensors, meta = read_raw(saved)
+    h = json.loads(meta[HEADER_KEY])
+    checksum = h.pop("checksum")
+    assert len(checksum) == 64 and checksum == content_checksum(json.dumps(h), tensors)
+
+
+@pytest.mark.parametrize("which", ["concept", "fused"])
+def test_bit_flip_that_keeps_indices_sorted_is_caught(saved, saved_fused, tmp_path, which):
+    path = saved if which == "concept" else saved_fused
+    i, old, new = flip_sorted_bit(path, "layer1")
+    load_fails(path, "checksum mismatch")
+    # the same bytes without the checksum load "fine" with the changed index: only the checksum catches it
+    tensors, meta = read_raw(path)
+    h = json.loads(meta[HEADER_KEY])
+    del h["checksum"]
+    save_file(tensors, str(tmp_path / "nochecksum.safetensors"), metadata={HEADER_KEY: json.dumps(h)})
+    back = load_mask(tmp_path / "nochecksum.safetensors")
+    assert list(back.layers.values())[1].indices[i] == new != old
+
+
+def test_header_edit_is_caught_by_the_checksum(saved, tmp_path):
+    tensors, meta = read_raw(saved)
+    h = json.loads(meta[HEADER_KEY])
+    h["params"]["r2"] = 0.5  # the checksum field is kept as it was
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={HEADER_KEY: json.dumps(h)})
+    load_fails(tmp_path / "edited.safetensors", "checksum mismatch")
+
+
+def test_file_without_checksum_still_loads_with_a_warning(saved, tmp_path, caplog):
+    """Files written before checksums (FORMAT_VERSION 1 too) load as before, with a note."""
+    p = rewrite(saved, tmp_path / "old.safetensors")  # no checksum, as the pack wrote files before
+    with caplog.at_level("WARNING", logger="fia_core.mask_io"):
+        back = load_mask(p)
+    assert_same_mask(concept_mask("golf ball", 1), back)
+    assert any("no content checksum" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("depth", [100_000, 2_000_000])
+def test_deeply_nested_header(saved, tmp_path, depth):
+    p = rewrite(saved, tmp_path / "deep.safetensors", metadata={HEADER_KEY: "[" * depth + "]" * depth})
+    load_fails(p, "damaged header")
+
+
+def test_huge_header(saved, tmp_path):
+    from fia_core.mask_io import MAX_HEADER_CHARS
+
+    big = json.dumps({"format": "fia-mask", "pad": "x" * (MAX_HEADER_CHARS + 10)})
+    load_fails(rewrite(saved, tmp_path / "huge.safetensors", metadata={HEADER_KEY: big}), "damaged header", "characters")

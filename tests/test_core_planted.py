@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fia_core import (
-    BASE, CONCEPT, SaliencyRecorder, apply_mask_to_weight, find_target_layers, fuse_masks,
-    select_concept_neurons,
+    BASE, CONCEPT, SaliencyRecorder, apply_mask_to_weight, find_target_layers, fuse_masks, select_concept_mask,
+    top_fraction_count,
 )
 
 D_TOK, D_CTX, C_IN, C_OUT, N_TOK = 8, 16, 64, 16, 12
@@ -132,18 +132,14 @@ def precision_recall(indices):
 R2_AT_PLANTED = len(PLANTED) / (C_OUT * C_IN)  # K = 32, k = 2 per row
 
 
-def test_planted_layout():
-    assert len(PLANTED) == 32
-    for i in range(C_OUT):
-        assert sum(i in rows for rows in ROWS_OF.values()) == 2
-    assert max(1, int(R2_AT_PLANTED * C_OUT * C_IN)) == 32 and max(1, int(R2_AT_PLANTED * C_IN)) == 2
-
-
 @pytest.mark.parametrize("mode,order", [("fast", "steps"), ("fast", "batches"), ("exact", "steps")])
 def test_planted_connections_recovered(mode, order):
     net = PlantedNet()
     cs = run_recorder(net, mode=mode, order=order)
-    mask = select_concept_neurons(cs, r1=None, r2=R2_AT_PLANTED)
+    # the budget is the planted set: K = 32 in the layer, k = 2 per row (every row is in two R_j)
+    assert top_fraction_count(R2_AT_PLANTED, C_OUT * C_IN) == len(PLANTED) == 32
+    assert top_fraction_count(R2_AT_PLANTED, C_IN) == 2
+    mask = select_concept_mask(cs, R2_AT_PLANTED)
     precision, recall = precision_recall(mask.layers[KEY].indices)
     print(f"{mode}/{order}: precision {precision:.3f} recall {recall:.3f} ({mask.layers[KEY].count} selected)")
     assert precision >= 0.9 and recall >= 0.9
@@ -156,7 +152,7 @@ def test_larger_budget_stays_in_planted_columns_fast():
     other column has zero evidence (A = 0) and A = 0 is never selected."""
     net = PlantedNet()
     cs = run_recorder(net, mode="fast")
-    mask = select_concept_neurons(cs, r1=None, r2=4 * R2_AT_PLANTED)
+    mask = select_concept_mask(cs, 4 * R2_AT_PLANTED)
     sel = mask.layers[KEY].indices.tolist()
     cols = {f % C_IN for f in sel}
     assert cols <= set(PLANTED_COLS), sorted(cols - set(PLANTED_COLS))
@@ -177,7 +173,7 @@ def test_exact_mode_ranks_planted_first():
     assert a[planted].min() > a[others].max() + 0.2
     decoys = [f for f in range(C_OUT * C_IN) if f % C_IN in DECOY_COLS]
     assert a[decoys].max() < 0.01
-    sel = set(select_concept_neurons(cs, r1=None, r2=4 * R2_AT_PLANTED).layers[KEY].indices.tolist())
+    sel = set(select_concept_mask(cs, 4 * R2_AT_PLANTED).layers[KEY].indices.tolist())
     assert PLANTED <= sel and not {f % C_IN for f in sel} & set(DECOY_COLS)
 
 
@@ -194,7 +190,7 @@ def test_fast_mode_recovers_with_cancelling_signs():
                 if (i + j) % 2 == 0:
                     w[i, j] *= -1
     cs = run_recorder(net, mode="fast")
-    mask = select_concept_neurons(cs, r1=None, r2=R2_AT_PLANTED)
+    mask = select_concept_mask(cs, R2_AT_PLANTED)
     assert set(mask.layers[KEY].indices.tolist()) == PLANTED
 
 
@@ -228,7 +224,7 @@ def test_unconditional_rows_as_concept_would_be_caught():
 def test_pruning_removes_the_concept_signal():
     net = PlantedNet()
     cs = run_recorder(net, mode="fast")
-    mask = fuse_masks([select_concept_neurons(cs, r1=None, r2=R2_AT_PLANTED)], alpha=0.6)
+    mask = fuse_masks([select_concept_mask(cs, R2_AT_PLANTED)], alpha=0.6)
     concept, base, _ = prompt_contexts(net, 5)
     tokens = torch.randn(N_PROMPTS, N_TOK, D_TOK, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -245,8 +241,8 @@ def test_pruning_removes_the_concept_signal():
 
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_deterministic(mode):
-    a = select_concept_neurons(run_recorder(PlantedNet(), mode=mode), r1=None, r2=0.1)
-    b = select_concept_neurons(run_recorder(PlantedNet(), mode=mode), r1=None, r2=0.1)
+    a = select_concept_mask(run_recorder(PlantedNet(), mode=mode), 0.1)
+    b = select_concept_mask(run_recorder(PlantedNet(), mode=mode), 0.1)
     assert torch.equal(a.layers[KEY].indices, b.layers[KEY].indices)
     if mode == "fast":
         ca, cb = run_recorder(PlantedNet()), run_recorder(PlantedNet())

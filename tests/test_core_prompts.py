@@ -1,4 +1,6 @@
-"""Concept/base prompt builders: the paper's Table 6 formats with Table 7 placeholders."""
+"""Concept/base prompt builders: the paper's Table 6 formats with Table 7 placeholders; the
+built-in templates give exactly the reference code's pair sets (hard-coded below from the
+method page, in Table 7's order)."""
 from __future__ import annotations
 
 import re
@@ -7,14 +9,66 @@ import pytest
 
 from fia_core import TEMPLATES, PromptPair, build_prompt_pairs
 
-# Table 7 of the paper, copied from the method page
-PLACES = set("""road tree forest lawn clubhouse courtyard backyard cityscape suburb mall cafe office
+# Table 7 of the paper, copied from the method page, in its order
+PLACE_LIST = """road tree forest lawn clubhouse courtyard backyard cityscape suburb mall cafe office
 library market bridge harbor garden beach room park street shelter chair table bag mountain valley
-waterfall desert sunrise""".split())
-PERSONS = {"man", "woman", "girl", "boy", "mother", "father", "kid", "professor", "student",
-           "group of friends", "celebrity", "child", "couple", "guy", "doctor", "nurse", "teacher", "lawyer"}
-OBJECTS = set("""cat dog mouse bear car chair bag building chicken duck sofa table tree bicycle door
-rabbit ball bat horse bird flower bowl bottle wall clock television guitar truck laptop book""".split())
+waterfall desert sunrise""".split()
+PERSON_LIST = ["man", "woman", "girl", "boy", "mother", "father", "kid", "professor", "student",
+               "group of friends", "celebrity", "child", "couple", "guy", "doctor", "nurse", "teacher", "lawyer"]
+OBJECT_LIST = """cat dog mouse bear car chair bag building chicken duck sofa table tree bicycle door
+rabbit ball bat horse bird flower bowl bottle wall clock television guitar truck laptop book""".split()
+PLACES, PERSONS, OBJECTS = set(PLACE_LIST), set(PERSON_LIST), set(OBJECT_LIST)
+
+
+def reference_set(template, c):
+    """The reference code's pairs (Table 6 formats): place i takes "in a" for even i."""
+    if template == "objects":
+        return {(f"a {c} in a {p}" if i % 2 == 0 else f"a {c} near the {p}", f"a {p}") for i, p in enumerate(PLACE_LIST)}
+    if template == "art_style":
+        return {(f"a {o} in the style of {c}", f"a {o}") for o in OBJECT_LIST}
+    return {(f"a photo of a {c} {p}", f"a photo of a {p}") for p in PERSON_LIST}
+
+
+def as_set(pairs):
+    return {(p.concept_prompt, p.base_prompt) for p in pairs}
+
+
+@pytest.mark.parametrize("template,concept,size", [("objects", "golf ball", 30), ("art_style", "Van Gogh", 30),
+                                                   ("explicit", "naked", 18)])
+def test_default_is_the_reference_set(template, concept, size):
+    pairs = build_prompt_pairs(concept, template)
+    assert len(pairs) == size == len(reference_set(template, concept))
+    assert as_set(pairs) == reference_set(template, concept)
+    assert as_set(build_prompt_pairs(concept, template, num_prompts=size, seed=5)) == reference_set(template, concept)
+
+
+@pytest.mark.parametrize("template,size", [("objects", 30), ("art_style", 30), ("explicit", 18)])
+def test_fewer_pairs_are_a_seeded_subset_of_the_reference_set(template, size):
+    full = reference_set(template, "dog")
+    seen = set()
+    for seed in range(4):
+        for n in (2, 8, size - 1):
+            pairs = build_prompt_pairs("dog", template, num_prompts=n, seed=seed)
+            assert len(pairs) == n and len(as_set(pairs)) == n, (seed, n)
+            assert as_set(pairs) <= full
+            assert pairs == build_prompt_pairs("dog", template, num_prompts=n, seed=seed)
+            if n == 8:
+                seen.add(frozenset(as_set(pairs)))
+    assert len(seen) == 4  # the seed chooses the subset
+
+
+@pytest.mark.parametrize("template,size", [("objects", 30), ("art_style", 30), ("explicit", 18)])
+def test_more_pairs_than_the_reference_set_is_an_error_naming_the_maximum(template, size):
+    with pytest.raises(ValueError, match=f"at most {size}"):
+        build_prompt_pairs("dog", template, num_prompts=size + 1)
+
+
+def test_custom_template_default_count():
+    assert len(build_prompt_pairs("x", "custom", custom_template="a {concept} near the {place}")) == 30
+    assert len(build_prompt_pairs("x", "custom", custom_template="a {person} with {concept}")) == 18
+    assert len(build_prompt_pairs("x", "custom", custom_template="{concept} at night")) == 8
+    # custom templates keep cycling past the list
+    assert len(build_prompt_pairs("x", "custom", num_prompts=45, custom_template="a {concept} in a {place}")) == 45
 
 
 def test_placeholder_lists_are_the_papers():
@@ -33,8 +87,8 @@ def test_objects_template():
         assert place in PLACES
         assert p.base_prompt == f"a {place}"
         used.append(place)
-        # both concept formats of Table 6 are used, alternating
-        assert m.group(1) == ("in a" if i % 2 == 0 else "near the")
+        # both concept formats of Table 6, by the place's position in Table 7
+        assert m.group(1) == ("in a" if PLACE_LIST.index(place) % 2 == 0 else "near the")
     assert len(set(used)) == 10  # no repeats before the list is exhausted
 
 
@@ -55,13 +109,6 @@ def test_art_style_template():
         m = re.fullmatch(r"a (.+) in the style of Van Gogh", p.concept_prompt)
         assert m and m.group(1) in OBJECTS, p
         assert p.base_prompt == f"a {m.group(1)}"
-
-
-def test_more_prompts_than_placeholders_reuse_all():
-    pairs = build_prompt_pairs("dog", "objects", num_prompts=45, seed=3)
-    places = [p.base_prompt[2:] for p in pairs]
-    assert set(places[:30]) == PLACES  # the first 30 are a permutation
-    assert len(set(places[30:])) == 15
 
 
 def test_deterministic_per_seed():

@@ -1,5 +1,5 @@
-"""SaliencyRecorder (Eq. 1-2, and Eq. 3 for exact mode) against slow references written
-from the method page, on a tiny module whose FFN2 inputs are fed directly, so X is known.
+"""SaliencyRecorder (Eq. 1-2, and Eq. 3 for exact mode) against the slow references of
+devkit/oracles.py (written from the method page), on a tiny module whose FFN2 inputs are fed directly, so X is known.
 
 Prompts arrive in batches of mixed groups (CONCEPT / BASE / None = unconditional rows,
 which must be ignored) over several model calls per step, so the per-batch merge of the
@@ -7,70 +7,17 @@ means and deviations is exercised.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fia_core import BASE, CONCEPT, ConceptSaliency, SaliencyRecorder, find_target_layers, select_concept_neurons
+from fia_core import (
+    BASE, CONCEPT, ExactSaliency, FastSaliency, SaliencyRecorder, StepSaliency, find_target_layers, select_concept_mask,
+)
+from devkit import oracles as O
 
-EPS = 1e-8
 KEYS = ("blocks.0.ff.net.2", "blocks.1.ff.net.2")
-
-
-# --------------------------------------------------------------------------- references
-def ref_fast_columns(x):
-    """||X̂_j|| with each token row of X ([N, C_in]) L2-normalised."""
-    x = np.asarray(x, np.float64)
-    xh = x / np.sqrt((x * x).sum(1, keepdims=True))
-    return np.sqrt((xh * xh).sum(0))
-
-
-def ref_eq1_exact(x, w, eps=EPS):
-    """U_ij = |W_ij| ||X_j|| |<X_j, Y_i>| / (||X_j|| ||Y_i|| + eps), Y = X W^T without bias."""
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
-    y = x @ w.T
-    u = np.zeros(w.shape)
-    for i in range(w.shape[0]):
-        yn = math.sqrt(float(y[:, i] @ y[:, i]))
-        for j in range(w.shape[1]):
-            xn = math.sqrt(float(x[:, j] @ x[:, j]))
-            u[i, j] = abs(w[i, j]) * xn * abs(float(x[:, j] @ y[:, i])) / (xn * yn + eps)
-    return u
-
-
-def ref_eq2(concept_vals, base_vals):
-    """S = max(0, mu_c - mu_b - sigma_b), sigma_b the sample std (ddof = 1) over prompts."""
-    c = np.stack(concept_vals).astype(np.float64)
-    b = np.stack(base_vals).astype(np.float64)
-    mu_b = b.mean(0)
-    sigma_b = np.sqrt(((b - mu_b) ** 2).sum(0) / (len(b) - 1))
-    return np.maximum(0.0, c.mean(0) - mu_b - sigma_b)
-
-
-def ref_eq3(steps, r1):
-    steps = [np.asarray(s, np.float64) for s in steps]
-    k1 = max(1, int(r1 * steps[0].size + 1e-9))
-    mean = sum(steps) / len(steps)
-    strength = mean / mean.max() if mean.max() > 0 else np.zeros_like(mean)
-    freq = sum((s > np.sort(s.reshape(-1))[::-1][k1 - 1]).astype(np.float64) for s in steps)
-    return 0.5 * strength + 0.5 * freq / len(steps)
-
-
-def ref_eq456(a, r2):
-    a = np.asarray(a, np.float64)
-    c_out, c_in = a.shape
-    k = max(1, int(r2 * c_in + 1e-9))
-    big_k = max(1, int(r2 * c_out * c_in + 1e-9))
-    flat = a.reshape(-1).tolist()
-    rows = set()
-    for i in range(c_out):
-        rows |= {i * c_in + j for j in sorted(range(c_in), key=lambda j: (-a[i, j], j))[:k]}
-    layer = set(sorted(range(len(flat)), key=lambda f: (-flat[f], f))[:big_k])
-    return sorted(f for f in rows & layer if flat[f] > 0)
 
 
 # --------------------------------------------------------------------------- a tiny network
@@ -160,12 +107,12 @@ def record(net, data, mode="fast", r1=None, order="steps", num_steps=None):
 def ref_step_saliency(net, data, t, l, exact):
     w = net.blocks[l].ff.net[2].weight.detach().numpy()
     if exact:
-        stat = lambda x: ref_eq1_exact(x, w)
+        stat = lambda x: O.eq1_exact(x, w)
     else:
-        stat = lambda x: np.abs(w.astype(np.float64)) * ref_fast_columns(x)[None, :]
+        stat = lambda x: np.abs(w.astype(np.float64)) * O.eq1_fast_columns(x)[None, :]
     c = [stat(data[t][(CONCEPT, p)][l]) for p in range(N_CONCEPT)]
     b = [stat(data[t][(BASE, p)][l]) for p in range(N_BASE)]
-    return ref_eq2(c, b)
+    return O.eq2(c, b)
 
 
 # --------------------------------------------------------------------------- fast mode
@@ -179,6 +126,7 @@ def test_fast_columns_match_eq2_reference(order):
     net = Net()
     data = make_data(net, steps=3, seed=1)
     rec, cs = record(net, data, order=order)
+    assert isinstance(cs, FastSaliency)
     assert cs.mode == "fast" and cs.num_steps == 3 and cs.concept == "golf ball"
     assert list(cs.columns) == list(KEYS)
     assert rec.calls == 3 * len(SCHEDULE)
@@ -187,9 +135,9 @@ def test_fast_columns_match_eq2_reference(order):
         c_in = net.blocks[l].ff.net[2].in_features
         assert cols.shape == (3, c_in) and cols.dtype == torch.float32
         for t in range(3):
-            qc = [ref_fast_columns(data[t][(CONCEPT, p)][l]) for p in range(N_CONCEPT)]
-            qb = [ref_fast_columns(data[t][(BASE, p)][l]) for p in range(N_BASE)]
-            np.testing.assert_allclose(cols[t].numpy(), ref_eq2(qc, qb), rtol=1e-5, atol=1e-6)
+            qc = [O.eq1_fast_columns(data[t][(CONCEPT, p)][l]) for p in range(N_CONCEPT)]
+            qb = [O.eq1_fast_columns(data[t][(BASE, p)][l]) for p in range(N_BASE)]
+            np.testing.assert_allclose(cols[t].numpy(), O.eq2(qc, qb), rtol=1e-5, atol=1e-6)
         # the contrast is not trivially zero: the shifted columns are salient
         assert (cols > 0).any()
 
@@ -199,7 +147,7 @@ def test_fast_step_saliency_is_w_times_columns_and_matches_eq2_on_u():
     data = make_data(net, steps=2, seed=2)
     _, cs = record(net, data)
     for l, key in enumerate(KEYS):
-        got = list(cs.step_saliency(key))
+        got = [cs.weight_abs[key] * col[None, :] for col in cs.columns[key]]  # S_t = |W| * s_t
         assert len(got) == 2
         for t in range(2):
             # Eq. 2 evaluated on U = |W| * q directly (the |W| factor is taken out of nothing)
@@ -252,13 +200,13 @@ def test_fast_select_equals_list_api_and_reference():
     _, cs = record(net, data, r1=0.1)
     assert cs.r1 == 0.1
     r2 = 0.25
-    mask = cs.select(r2=r2)
+    mask = select_concept_mask(cs, r2)
     steps = [{key: cs.weight_abs[key] * cs.columns[key][t][None, :] for key in KEYS} for t in range(4)]
-    via_list = select_concept_neurons(steps, r1=0.1, r2=r2)
-    via_api = select_concept_neurons(cs, r1=None, r2=r2)
+    via_list = select_concept_mask(StepSaliency(steps, r1=0.1), r2)
+    via_api = select_concept_mask(cs, r2, r1=None)
     for l, key in enumerate(KEYS):
         ref_steps = [ref_step_saliency(net, data, t, l, exact=False) for t in range(4)]
-        expected = ref_eq456(ref_eq3(ref_steps, 0.1), r2)
+        expected = O.eq456(O.eq3(ref_steps, 0.1), r2)
         assert expected, "test data should select something"
         assert mask.layers[key].indices.tolist() == expected
         assert via_list.layers[key].indices.tolist() == expected
@@ -266,17 +214,17 @@ def test_fast_select_equals_list_api_and_reference():
         assert mask.layers[key].indices.dtype == torch.int64
     assert mask.params["r1"] == 0.1 and mask.params["r2"] == r2 and mask.params["mode"] == "fast"
     # another r1 for fast saliency is fine (recomputed from the columns)
-    other = cs.select(r2=r2, r1=0.5)
+    other = select_concept_mask(cs, r2, r1=0.5)
     for l, key in enumerate(KEYS):
         ref_steps = [ref_step_saliency(net, data, t, l, exact=False) for t in range(4)]
-        assert other.layers[key].indices.tolist() == ref_eq456(ref_eq3(ref_steps, 0.5), r2)
+        assert other.layers[key].indices.tolist() == O.eq456(O.eq3(ref_steps, 0.5), r2)
 
 
 def test_fast_select_progress_callback():
     net = Net()
     _, cs = record(net, make_data(net, steps=2, seed=6))
     seen = []
-    cs.select(r2=0.5, progress=lambda i, n: seen.append((i, n)))
+    select_concept_mask(cs, 0.5, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 2), (2, 2)]
 
 
@@ -286,14 +234,14 @@ def test_exact_sensitivity_matches_eq1_eq2_eq3_reference():
     data = make_data(net, steps=3, seed=7)
     r1 = 0.2
     _, cs = record(net, data, mode="exact", r1=r1)
-    assert cs.mode == "exact" and cs.columns is None
+    assert isinstance(cs, ExactSaliency) and cs.mode == "exact" and not hasattr(cs, "columns")
     for l, key in enumerate(KEYS):
         ref_steps = [ref_step_saliency(net, data, t, l, exact=True) for t in range(3)]
         assert any((s > 0).any() for s in ref_steps)
         a = cs.sensitivity[key]
         assert a.shape == tuple(net.blocks[l].ff.net[2].weight.shape) and a.dtype == torch.float32
-        np.testing.assert_allclose(a.numpy(), ref_eq3(ref_steps, r1), rtol=1e-4, atol=1e-5)
-        assert cs.select(r2=0.34).layers[key].indices.tolist() == ref_eq456(ref_eq3(ref_steps, r1), 0.34)
+        np.testing.assert_allclose(a.numpy(), O.eq3(ref_steps, r1), rtol=1e-4, atol=1e-5)
+        assert select_concept_mask(cs, 0.34).layers[key].indices.tolist() == O.eq456(O.eq3(ref_steps, r1), 0.34)
 
 
 def test_exact_bias_is_removed():
@@ -313,9 +261,9 @@ def test_exact_bias_is_removed():
 def test_exact_select_rejects_another_r1():
     net = Net()
     _, cs = record(net, make_data(net, steps=2, seed=9), mode="exact", r1=0.2)
-    cs.select(r2=0.5, r1=0.2)
+    select_concept_mask(cs, 0.5, r1=0.2)
     with pytest.raises(ValueError, match="r1"):
-        cs.select(r2=0.5, r1=0.3)
+        select_concept_mask(cs, 0.5, r1=0.3)
 
 
 def test_exact_steps_going_back_raise():
@@ -329,6 +277,21 @@ def test_exact_steps_going_back_raise():
         feed(net, rec, data, SCHEDULE[0], 1)
         with pytest.raises(RuntimeError, match="one batch"):
             rec.set_call(0, [g for g, _ in SCHEDULE[0]])
+
+
+def test_sigma_b_is_the_population_std():
+    """Planted numbers: base values 1 and 3 (population std 1, sample std 1.414), concept 5:
+    S = 5 - 2 - 1 = 2 (a sample std would give 1.586). Merged over two batches."""
+    from fia_core.saliency import RunningMoments, contrast
+
+    c, b = RunningMoments(), RunningMoments()
+    c.add(torch.tensor([[5.0, 0.0]]))
+    b.add(torch.tensor([[1.0, 0.0]]))
+    b.add(torch.tensor([[3.0, 0.0]]))
+    torch.testing.assert_close(contrast(c, b), torch.tensor([2.0, 0.0]))
+    b3 = RunningMoments()
+    b3.add(torch.tensor([[1.0], [2.0], [6.0]]))  # mean 3, population var 14/3
+    torch.testing.assert_close(b3.std(), torch.tensor([(14 / 3) ** 0.5]))
 
 
 # --------------------------------------------------------------------------- errors, hooks
@@ -412,25 +375,31 @@ def test_hooks_removed_on_exit_and_on_exception():
 
 
 # --------------------------------------------------------------------------- memory claim
-SD15_FFN2_C_IN = [1280] * 5 + [2560] * 5 + [5120] * 6
+def test_fast_saliency_size_is_t_by_c_in_whatever_c_out():
+    """Fast mode keeps T x C_in floats per layer, independent of C_out (about 2 MB for
+    SD1.5's 16 FFN2 layers x 10 steps, where dense per-step S_t would take over 1 GB)."""
+    sizes = []
+    for c_outs in ((10, 3), (40, 1)):
+        net = Net(dims=((40, c_outs[0]), (12, c_outs[1])))
+        _, cs = record(net, make_data(net, steps=2, seed=14))
+        assert {k: tuple(v.shape) for k, v in cs.columns.items()} == {KEYS[0]: (2, 40), KEYS[1]: (2, 12)}
+        sizes.append(cs.nbytes())
+    assert sizes == [2 * (40 + 12) * 4] * 2
 
 
-def test_fast_saliency_memory_for_sd15_shapes():
-    """Fast mode keeps T x C_in floats per layer: about 2 MB for SD1.5's 16 FFN2 layers x 10 steps."""
-    shapes = {f"layer{i}": (c // 4, c) for i, c in enumerate(SD15_FFN2_C_IN)}
-    assert len(shapes) == 16
-    cs = ConceptSaliency(
-        "c", "fast", "ffn2", shapes, 10, 0.05,
-        columns={k: torch.zeros(10, s[1], dtype=torch.float32) for k, s in shapes.items()},
-    )
-    assert cs.nbytes() == 10 * sum(SD15_FFN2_C_IN) * 4
-    assert cs.nbytes() < 10 * 2**20
-    dense = 10 * sum(a * b for a, b in shapes.values()) * 4  # what full-size per-step S would take
-    assert dense > 1e9
-
-
-def test_recorder_output_size_is_t_by_c_in():
-    net = Net(dims=((40, 10),))
-    data = make_data(net, steps=2, seed=14)
-    _, cs = record(net, data)
-    assert cs.nbytes() == 2 * 40 * 4
+def test_mask_params_record_the_r1_actually_used():
+    """select_concept_mask(r1=0.5) records 0.5, also when the saliency's settings (as the
+    nodes pass them) name the recording's r1."""
+    net = Net(dims=((12, 4), (8, 6)))
+    layers = find_target_layers(net)
+    rec = SaliencyRecorder(layers, 2, weight_abs={l.key: l.module.weight.detach().abs() for l in layers}, r1=0.05)
+    data = make_data(net, steps=2, seed=15)
+    with rec, torch.no_grad():
+        for t in range(2):
+            for rows in SCHEDULE:
+                feed(net, rec, data, rows, t)
+    cs = rec.result("c", settings={"r1": 0.05, "r2": 0.01, "model_type": "SD15"})
+    assert select_concept_mask(cs, 0.02).params["r1"] == 0.05
+    mask = select_concept_mask(cs, 0.02, r1=0.5)
+    assert mask.params["r1"] == 0.5 and mask.params["r2"] == 0.02
+    assert mask.params["mode"] == "fast" and mask.params["saliency_steps"] == 2 and mask.params["model_type"] == "SD15"

@@ -2,6 +2,8 @@
 counted independently by walking the transformer blocks; unsupported networks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,12 @@ from fia_core import (
     find_target_layers, layer_shapes, weights_fingerprint,
 )
 
-diffusers = pytest.importorskip("diffusers")
+try:
+    import diffusers
+except ImportError as e:  # like a missing ComfyUI: a skip locally, a failure in CI
+    if os.environ.get("FIA_REQUIRE_COMFY") == "1":
+        pytest.fail(f"diffusers is required (FIA_REQUIRE_COMFY=1): {e}", pytrace=False)
+    pytest.skip(f"diffusers not available: {e}", allow_module_level=True)
 
 CONFIG = dict(
     block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,

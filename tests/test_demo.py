@@ -1,4 +1,4 @@
-"""benchmarks/demo.py in its fast mode: a real ComfyUI server runs the example workflow on
+"""The demo (demo/forget_concepts.py, through its command line) in its fast mode: a real ComfyUI server runs the example workflow on
 the toy model and the demo writes its grid, mask report and metrics."""
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-import comfy_harness as H
+from devkit import harness as H
 
 
 @pytest.mark.server
 @pytest.mark.slow
 def test_demo_fast(comfy, tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, str(H.REPO_ROOT / "benchmarks" / "demo.py"), "--fast", "--forget", "circle,heart",
+    r = subprocess.run([sys.executable, "-m", "demo.forget_concepts", "--fast", "--forget", "circle,heart",
                         "--out", str(out)],
-                       cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+                       cwd=str(H.REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:]
     for name in ("before_after.png", "mask_report.txt", "metrics.json", "workflow_api.json"):
         assert (out / name).is_file(), name

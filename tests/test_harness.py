@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-import comfy_harness as H
+from devkit import harness as H
 
 SD15_FFN2 = [
     "diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",

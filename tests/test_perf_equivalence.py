@@ -22,9 +22,11 @@ from benchmarks.reference_fia import (
     straightforward_top_k_flat,
     straightforward_top_k_rows,
 )
-from fia_core import ConceptSaliency, SensitivityIntegrator, select_concept_neurons, select_from_sensitivity
-from fia_core.neurons import kth_largest, top_fraction_count, top_k_flat, top_k_rows
-from fia_core.rank_one import ColumnOrder, SharedAbsWeights, select_fast_mode, select_rank_one
+from fia_core import FastSaliency, StepSaliency, select_concept_mask
+from fia_core.counting import kth_largest, top_fraction_count, top_k_flat, top_k_rows
+from fia_core.neurons import fast_layer_indices, select_from_sensitivity
+from fia_core.rank_one import ColumnOrder, SharedAbsWeights, select_rank_one
+from fia_core.sensitivity import SensitivityIntegrator
 
 
 # --------------------------------------------------------------------------- random inputs
@@ -94,7 +96,7 @@ def test_rank_one_many_random_layers():
         expected = straightforward_fast_mode(w, cols, r1, r2)
         if got is None:  # declining is only allowed where a large share of the layer is a candidate
             assert 4 * top_fraction_count(r2, c_out * c_in) >= c_out * c_in, (trial, c_out, c_in, r2)
-            got = select_fast_mode({"l": w}, "l", cols, r1, r2)
+            got = fast_layer_indices({"l": w}, "l", cols, r1, r2)
         assert got.tolist() == expected.tolist(), (trial, c_out, c_in, steps, r1, r2)
 
 
@@ -102,28 +104,28 @@ def test_fallback_to_dense_gives_the_same_result():
     w, cols = make_layer(20, 20, 30, 4)
     # r2 = 0.6: K is more than half the layer -> the rank-one path declines
     assert select_rank_one(ColumnOrder(w), cols, 0.05, 0.6) is None
-    assert select_fast_mode({"l": w}, "l", cols, 0.05, 0.6).tolist() == \
+    assert fast_layer_indices({"l": w}, "l", cols, 0.05, 0.6).tolist() == \
         straightforward_fast_mode(w, cols, 0.05, 0.6).tolist()
     # non-finite saliency: declined, dense path
     bad = cols.clone()
     bad[0, 3] = float("inf")
     assert select_rank_one(ColumnOrder(w), bad, 0.05, 0.1) is None
-    assert select_fast_mode({"l": w}, "l", bad, 0.05, 0.1).tolist() == \
+    assert fast_layer_indices({"l": w}, "l", bad, 0.05, 0.1).tolist() == \
         straightforward_fast_mode(w, bad, 0.05, 0.1).tolist()
 
 
-def test_concept_saliency_select_matches_straightforward_and_caches_orders():
+def test_select_concept_mask_matches_straightforward_and_caches_orders():
     shapes = {"a.ff.net.2": (40, 160), "b.ff.net.2": (96, 1024)}
     weights, columns = {}, {}
     for i, (key, (c_out, c_in)) in enumerate(shapes.items()):
         weights[key], columns[key] = make_layer(30 + i, c_out, c_in, 10, "zeros", 0.6)
     shared = SharedAbsWeights(weights)
-    cs = ConceptSaliency("golf ball", "fast", "ffn2", dict(shapes), 10, 0.05, columns=columns, weight_abs=shared)
+    cs = FastSaliency("golf ball", "ffn2", dict(shapes), 10, 0.05, columns=columns, weight_abs=shared)
     for r2 in (0.01, 0.03):
-        mask = cs.select(r2=r2)
-        via_api = select_concept_neurons(cs, r1=None, r2=r2)
-        plain = ConceptSaliency("golf ball", "fast", "ffn2", dict(shapes), 10, 0.05, columns=columns,
-                                weight_abs=dict(weights)).select(r2=r2)
+        mask = select_concept_mask(cs, r2)
+        via_api = select_concept_mask(cs, r2, r1=None)
+        plain = select_concept_mask(FastSaliency("golf ball", "ffn2", dict(shapes), 10, 0.05, columns=columns,
+                                                 weight_abs=dict(weights)), r2)
         for key in shapes:
             expected = straightforward_fast_mode(weights[key], columns[key], 0.05, r2).tolist()
             assert mask.layers[key].indices.tolist() == expected
@@ -131,14 +133,58 @@ def test_concept_saliency_select_matches_straightforward_and_caches_orders():
             assert plain.layers[key].indices.tolist() == expected
     orders = dict(shared._orders)
     assert set(orders) == set(shapes)
-    cs.select(r2=0.02, r1=0.1)
+    select_concept_mask(cs, 0.02, r1=0.1)
     assert all(shared._orders[k] is orders[k] for k in shapes), "orders are built once per model"
     # the list API (dense S_t) agrees as well
     steps = [{k: weights[k] * columns[k][t][None, :] for k in shapes} for t in range(10)]
-    listed = select_concept_neurons(steps, r1=0.05, r2=0.01)
+    listed = select_concept_mask(StepSaliency(steps, r1=0.05), 0.01)
     for key in shapes:
         assert listed.layers[key].indices.tolist() == \
             straightforward_fast_mode(weights[key], columns[key], 0.05, 0.01).tolist()
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[8:12], ids=lambda c: f"case{c[0]}")
+def test_both_paths_forced_are_bit_identical(case):
+    """Mask building on the device of |W|: rank-one on the CPU, the dense definition
+    elsewhere (a GPU). Both forced on the CPU give the same indices; the sensitivity the
+    dense path selects from is bit-identical to the straightforward one."""
+    seed, c_out, c_in, steps, w_kind, zero_cols, col_kind, r1, r2 = case
+    w, cols = make_layer(seed, c_out, c_in, steps, w_kind, zero_cols, col_kind)
+    expected = straightforward_fast_mode(w, cols, r1, r2).tolist()
+    for path in ("rank_one", "dense", "auto"):
+        assert fast_layer_indices({"l": w}, "l", cols, r1, r2, path=path).tolist() == expected, path
+    dense_a = straightforward_sensitivity((w * col[None, :] for col in cols), r1)
+    integ = SensitivityIntegrator(r1)
+    for col in cols:
+        integ.add("l", w * col[None, :])
+    assert torch.equal(integ.sensitivity("l"), dense_a)
+
+
+def test_auto_path_follows_the_device_of_w(monkeypatch):
+    """|W| on the CPU takes the rank-one path: the dense integration is never run there."""
+    import fia_core.neurons as N
+
+    w, cols = make_layer(3, 30, 40, 4)
+    calls = []
+    dense = N.integrate_steps
+    monkeypatch.setattr(N, "integrate_steps", lambda *a, **k: calls.append(1) or dense(*a, **k))
+    auto = fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="auto")
+    assert calls == []
+    forced = fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="dense")
+    assert calls == [1]
+    assert auto.tolist() == forced.tolist() == straightforward_fast_mode(w, cols, 0.05, 0.05).tolist()
+    with pytest.raises(ValueError, match="unknown path"):
+        fast_layer_indices({"l": w}, "l", cols, 0.05, 0.05, path="gpu")
+
+
+def test_mask_building_leaves_torch_threads_alone(monkeypatch):
+    """No process-wide torch setting is changed (issue 11): set_num_threads is never called."""
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    w, cols = make_layer(9, 96, 1024, 10)
+    cs = FastSaliency("c", "ffn2", {"l": (96, 1024)}, 10, 0.05, columns={"l": cols}, weight_abs={"l": w})
+    select_concept_mask(cs, 0.01)
+    assert seen == []
 
 
 def test_column_order_is_sorted_and_consistent():

@@ -1,7 +1,7 @@
 """The example workflows (example_workflows/*.json, UI format) run on a real ComfyUI server.
 
 One ``main.py`` server for the module, with the pack installed and a tiny SD1.5-shaped
-checkpoint. Each workflow is converted to the API format (tests/workflow_convert.py,
+checkpoint. Each workflow is converted to the API format (devkit/workflow_convert.py,
 widget order from /object_info), shrunk (tiny checkpoint, 64x64, few steps and prompts)
 and queued; the test checks the images and the summaries the FIA nodes send to the UI.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_harness as H
-import workflow_convert as WC
+from devkit import harness as H
+from devkit import workflow_convert as WC
 
 pytestmark = [pytest.mark.server]
 
@@ -75,6 +76,11 @@ def check_summary(summary: dict, concepts: list[str], kind: str) -> None:
     assert summary["pruned"] > 0
     assert 0 < summary["layers_touched"] <= summary["layers"] == H.TINY_SD15_FFN2_COUNT
     assert summary["agnostic_kept"] >= 0
+
+
+def mask_facts(summary: dict) -> dict:
+    """A summary without what depends on the run (cache use, warnings)."""
+    return {k: v for k, v in summary.items() if k not in ("cached", "warnings")}
 
 
 def saved_images(server, entry: dict, node_id: str) -> list[np.ndarray]:
@@ -141,7 +147,8 @@ def test_forget_workflow_runs(server, object_info, name, concepts_expected, temp
     if len(concepts_expected) == 1:  # tau_ca = max(2, ...) > 1: nothing is concept-agnostic
         assert summary["agnostic_kept"] == 0
     [info] = node_of(prompt, "FIAMaskInfo")
-    assert entry["outputs"][info]["fia_summary"] == [summary]
+    # the same mask facts (the forget node's summary also says what came from the cache and its warnings)
+    assert [mask_facts(s) for s in entry["outputs"][info]["fia_summary"]] == [mask_facts(summary)]
     [report] = entry["outputs"][info]["text"]
     assert all(c in report.splitlines()[0] for c in concepts_expected)
     [save] = node_of(prompt, "SaveImage")
@@ -203,6 +210,68 @@ def test_fuse_masks_accepts_frontend_added_inputs(server, linked):
     [summary] = entry["outputs"]["fuse"]["fia_summary"]
     check_summary(summary, concepts, "fused")
     assert f"'num_concepts': {len(concepts)}" in entry["outputs"]["info"]["text"][0]
+
+
+# -- bad input through the server: what the user sees ---------------------------------------
+
+def _forget_graph(**inputs) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT}},
+        "fc": {"class_type": "FIAForgetConcepts", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "concepts": "golf ball", "template": "objects",
+            "r1": 0.05, "r2": 0.03, "alpha": 0.6, "strength": 1.0, "fusion": "concept-agnostic", "cfg": 5.0,
+            "sampler_name": "euler", "scheduler": "normal", "seed": 0, "mode": "fast", **FIA_SMALL, **inputs}},
+        "info": {"class_type": "FIAMaskInfo", "inputs": {"mask": ["fc", 1]}},
+    }
+
+
+def _execution_error(server, graph: dict, timeout: float = 120.0) -> dict:
+    """The execution_error message of a prompt that must fail while running."""
+    prompt_id = server.post_prompt(graph)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None:
+            status = entry.get("status") or {}
+            assert status.get("status_str") == "error", f"the prompt did not fail: {status}"
+            [error] = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+            return error
+        time.sleep(0.2)
+    raise AssertionError(f"prompt {prompt_id} not finished after {timeout} s")
+
+
+@pytest.mark.parametrize("inputs, name, fragment", [
+    ({"r2": float("nan")}, "r2", "finite"),  # JSON NaN: ComfyUI's min/max checks let it through
+    ({"cfg": float("nan")}, "cfg", "finite"),
+    ({"concepts": "golf ball\ncross: abc"}, "concepts", "line 2 ('cross: abc')"),
+    ({"concepts": "\u200b"}, "concepts", "is empty"),
+    ({"template": "custom", "custom_template": "a {place}"}, "custom_template", "{concept}"),
+])
+def test_bad_inputs_name_node_and_input_with_a_short_type(server, inputs, name, fragment):
+    error = _execution_error(server, _forget_graph(**inputs))
+    assert error["node_id"] == "fc" and error["node_type"] == "FIAForgetConcepts"
+    message = error["exception_message"]
+    assert message.startswith(f"FIAForgetConcepts: input '{name}'") and fragment in message, message
+    assert error["exception_type"] == "fia.FIAInputError", error["exception_type"]
+
+
+def test_sampler_without_per_step_saliency_is_refused_before_running(server):
+    status, _, body = server.request("POST", "/prompt", {"prompt": _forget_graph(sampler_name="dpm_adaptive")})
+    assert status == 400, body[:2000]
+    [error] = json.loads(body)["node_errors"]["fc"]["errors"]
+    assert error["extra_info"]["input_name"] == "sampler_name"
+    assert "dpm_adaptive" in error["details"]
+
+
+def test_cache_use_and_warnings_reach_the_node(server):
+    concepts = "garbage truck\nFrench horn"
+    first = server.run(_forget_graph(concepts=concepts, seed=5), timeout=300)
+    [s1] = first["outputs"]["fc"]["fia_summary"]
+    assert s1["cached"] == [] and isinstance(s1["warnings"], list)
+    again = server.run(_forget_graph(concepts=concepts, seed=5, r2=0.04), timeout=300)  # r2 only: no sampling
+    [s2] = again["outputs"]["fc"]["fia_summary"]
+    assert s2["cached"] == ["garbage truck", "French horn"]
+    assert any("cache" in w and "garbage truck" in w for w in s2["warnings"])
 
 
 # -- the token-count route of the concept warnings ----------------------------------------

@@ -1,7 +1,7 @@
 """Train the toy text-to-image model (seeded, resumable) and write its checkpoint.
 
-    python benchmarks/toy/train.py                 # 3000 steps: 15-20 min on one CPU core
-    python benchmarks/toy/train.py --steps 50      # a quick smoke run (to another --out)
+    python -m benchmarks.toy.train                 # 3000 steps: 15-20 min on one CPU core
+    python -m benchmarks.toy.train --steps 50      # a quick smoke run (to another --out)
 
 Recipe: v-prediction on SD's own sigma schedule (``model_sampling`` of ComfyUI's
 BaseModel with ModelType.V_PREDICTION, as SD 2.x 768-v): x_t = x_0 + sigma_t * eps with
@@ -38,17 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import toy.* from benchmarks/, the harness from tests/
-    _HERE = Path(__file__).resolve()
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE.parent]
-    sys.path.insert(0, str(_HERE.parents[1]))
-    sys.path.insert(0, str(_HERE.parents[2] / "tests"))
-
 import numpy as np
 import torch
 
-from toy import data as D
-from toy import model as M
+from devkit import comfyui, zoo
+from devkit.toy import data as D
+from devkit.toy import model as M
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -124,18 +119,17 @@ def lr_at(step: int, args) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import comfy_harness as H
 
-    state_dir = args.state_dir or H.cache_dir() / "toy-train"
+    state_dir = args.state_dir or comfyui.cache_dir() / "toy-train"
     state_dir.mkdir(parents=True, exist_ok=True)
-    H.import_comfy(state_dir / "comfy_base")
+    comfyui.import_comfy(state_dir / "comfy_base")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     model = M.build_model()
     clip = M.build_clip()
-    H.fill_weights_(model.model.diffusion_model, args.seed)
-    H.fill_weights_(clip.cond_stage_model, args.seed + 1)
+    zoo.fill_weights_(model.model.diffusion_model, args.seed)
+    zoo.fill_weights_(clip.cond_stage_model, args.seed + 1)
     unet = model.model.diffusion_model
     text = clip.cond_stage_model.clip_l
     sigmas = model.model.model_sampling.sigmas.float().cpu()

@@ -1,20 +1,52 @@
 // Warns on FIA Forget Concepts and FIA Concept Saliency nodes, in the editor, about concept
 // text that CLIP would truncate (token counts from POST /fia/check_concepts, nodes/routes.py),
-// duplicated concepts or base prompts, and empty lines. Warnings show in a small panel on the
-// node and as a "⚠ n" badge; they never block queueing (the Python nodes validate again).
+// duplicated concepts or base prompts, empty lines and r2 suffixes the node would refuse.
+// Warnings show in a small panel on the node and as a "⚠ n" badge; they never block
+// queueing (the Python nodes validate again).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
+import { chainCallback, fitNode, textPanel } from "./common/fia_widgets.js";
 
 const ROUTE = "/fia/check_concepts";
 const WIDGET = "fia_warnings";
 const LINE_HEIGHT = 15;
-const MARGIN = 5;
 const DEBOUNCE_MS = 250;
-// Same syntax as nodes/nodes_apply.py parse_concepts: "concept" or "concept: r2".
-const R2_SUFFIX = /^(.+?)\s*:\s*([0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)\s*$/;
+// Same syntax as fia_core.parse_concept_list: "concept", "concept: r2" (the text after an
+// unquoted line's last ':' must be an r2), and a concept that contains ':' in double quotes
+// ("Area: 51" or "Area: 51": 0.02).
+const QUOTED = /^"([^"]*)"\s*(?::\s*(.*))?$/;
+const NUMBER = /^[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?$/;
+
+/** A concept as the nodes use it: NFKC, invisible format characters dropped, whitespace collapsed. */
+export const normaliseConcept = (text) =>
+  String(text ?? "").normalize("NFKC").replace(/\p{Cf}/gu, "").replace(/\s+/g, " ").trim();
+
+/** {concept, problem} of one non-empty normalised concept line; problem is null when the node accepts it. */
+export function parseConceptLine(line) {
+  let concept = line;
+  let value = null;
+  if (line.startsWith('"')) {
+    const m = QUOTED.exec(line);
+    if (!m) return { concept: "", problem: 'a quoted concept needs its closing \'"\' (e.g. "Area: 51": 0.02)' };
+    concept = normaliseConcept(m[1]);
+    value = m[2] ?? null;
+  } else if (line.includes('"')) {
+    return { concept: "", problem: 'quotes go around the whole concept, e.g. "Area: 51": 0.02' };
+  } else if (line.includes(":")) {
+    const at = line.lastIndexOf(":");
+    [concept, value] = [normaliseConcept(line.slice(0, at)), line.slice(at + 1).trim()];
+  }
+  if (value !== null) {
+    const r2 = NUMBER.test(value) ? Number(value) : NaN;
+    if (!(r2 > 0 && r2 <= 0.5))
+      return { concept, problem: `r2 '${value}' is not in (0, 0.5]; to use ':' inside a concept, write it in double quotes ("Area: 51")` };
+  }
+  if (!concept) return { concept, problem: "no concept name before ':'" };
+  return { concept, problem: null };
+}
 
 const WATCHED = {
-  FIAForgetConcepts: ["concepts", "template"],
+  FIAForgetConcepts: ["concepts", "template", "custom_template", "base_prompts"],
   FIAConceptSaliency: ["concept", "template", "custom_template", "base_prompts"],
 };
 
@@ -22,10 +54,10 @@ const widgetValue = (node, name) => node.widgets?.find((w) => w.name === name)?.
 const quote = (s) => `'${s.length > 40 ? s.slice(0, 39) + "…" : s}'`;
 
 /** Text lines with their 1-based numbers; a single empty line at the very end is ignored. */
-function numberedLines(text) {
+function numberedLines(text, clean = (s) => s.trim()) {
   const lines = String(text ?? "").split(/\r?\n/);
   if (lines.length > 1 && lines[lines.length - 1].trim() === "") lines.pop();
-  return lines.map((raw, i) => ({ n: i + 1, line: raw.trim() }));
+  return lines.map((raw, i) => ({ n: i + 1, line: clean(raw) }));
 }
 
 /** Warnings that need no server: empty lines, duplicates, r2 out of range. */
@@ -41,43 +73,40 @@ export function localChecks(nodeType, values, otherConcepts = []) {
     }
   };
   if (nodeType === "FIAForgetConcepts") {
-    const lines = numberedLines(values.concepts);
+    const lines = numberedLines(values.concepts, normaliseConcept);
     const items = [];
     for (const { n, line } of lines) {
       if (!line) {
         warnings.push(`line ${n} is empty (skipped)`);
         continue;
       }
-      const m = R2_SUFFIX.exec(line);
-      const concept = m ? m[1].trim() : line;
-      if (m) {
-        const r2 = Number(m[2]);
-        if (!(r2 > 0 && r2 <= 0.5)) warnings.push(`line ${n}: r2 ${m[2]} is outside (0, 0.5]`);
-      }
+      const { concept, problem } = parseConceptLine(line);
+      if (problem) warnings.push(`line ${n}: ${problem}`);
+      if (!concept) continue;
       items.push({ n, key: concept.toLowerCase(), label: concept });
       concepts.push(concept);
     }
     dupes(items, "the node refuses duplicates");
     if (items.length === 0) warnings.push("no concepts: list the concepts to erase, one per line");
   } else if (nodeType === "FIAConceptSaliency") {
-    const concept = String(values.concept ?? "").trim();
+    const concept = normaliseConcept(values.concept);
     if (!concept) warnings.push("concept is empty");
     else {
       concepts.push(concept);
       if (otherConcepts.some((c) => c.toLowerCase() === concept.toLowerCase()))
         warnings.push(`${quote(concept)} is also the concept of another FIA Concept Saliency node`);
     }
-    if (String(values.base_prompts ?? "").trim()) {
-      const items = [];
-      for (const { n, line } of numberedLines(values.base_prompts)) {
-        if (!line) warnings.push(`base_prompts line ${n} is empty (skipped)`);
-        else {
-          items.push({ n, key: line.toLowerCase(), label: line });
-          bases.push(line);
-        }
+  }
+  if (String(values.base_prompts ?? "").trim()) {
+    const items = [];
+    for (const { n, line } of numberedLines(values.base_prompts)) {
+      if (!line) warnings.push(`base_prompts line ${n} is empty (skipped)`);
+      else {
+        items.push({ n, key: line.toLowerCase(), label: line });
+        bases.push(line);
       }
-      dupes(items, "base_prompts");
     }
+    dupes(items, "base_prompts");
   }
   return { warnings, concepts, bases };
 }
@@ -97,29 +126,18 @@ export function tokenWarnings(report) {
 }
 
 function warningWidget(node) {
-  let widget = node.widgets?.find((w) => w.name === WIDGET);
-  if (widget) return widget;
-  const el = document.createElement("div");
-  el.className = "fia-warnings";
-  Object.assign(el.style, {
-    font: `11px/${LINE_HEIGHT}px sans-serif`, whiteSpace: "pre-wrap", overflow: "auto",
-    color: "#ffcf66", background: "rgba(90, 60, 0, 0.35)", borderRadius: "6px",
-    padding: "3px 6px", boxSizing: "border-box", display: "none",
+  // hidden (no height) without warnings; up to 8 lines shown
+  return textPanel(node, WIDGET, {
+    className: "fia-warnings",
+    lineHeight: LINE_HEIGHT,
+    padding: 8,
+    minLines: 0,
+    maxLines: 8,
+    style: {
+      font: `11px/${LINE_HEIGHT}px sans-serif`, whiteSpace: "pre-wrap",
+      color: "#ffcf66", background: "rgba(90, 60, 0, 0.35)", padding: "3px 6px", display: "none",
+    },
   });
-  el.dataset.fiaNode = String(node.id);
-  // hidden (no height) without warnings; up to 8 lines shown, plus padding and margin
-  const height = () => (el.__fiaLines ? Math.min(8, el.__fiaLines) * LINE_HEIGHT + 8 + 2 * MARGIN : 0);
-  widget = node.addDOMWidget(WIDGET, "fia_warnings", el, {
-    serialize: false,
-    margin: MARGIN,
-    hideOnZoom: false,
-    getValue: () => el.textContent,
-    setValue: () => {},
-    getMinHeight: height,
-    getMaxHeight: height,
-  });
-  widget.serialize = false;
-  return widget;
 }
 
 function showWarnings(node, warnings) {
@@ -131,9 +149,7 @@ function showWarnings(node, warnings) {
   el.title = text;
   el.__fiaLines = warnings.length;
   el.style.display = warnings.length ? "block" : "none";
-  const [w, h] = node.computeSize();
-  node.setSize([Math.max(node.size[0], w), Math.max(node.size[1], h)]);
-  node.setDirtyCanvas?.(true, true);
+  fitNode(node);
 }
 
 async function runCheck(node) {
@@ -191,9 +207,7 @@ app.registerExtension({
   name: "FIA.ConceptWarnings",
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (!(nodeData?.name in WATCHED)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
+    chainCallback(nodeType.prototype, "onNodeCreated", function () {
       watchWidgets(this);
       const badge = () => new window.LGraphBadge({
         text: this.__fiaWarnings?.length ? `⚠ ${this.__fiaWarnings.length}` : "",
@@ -201,18 +215,12 @@ app.registerExtension({
       });
       if (window.LGraphBadge && Array.isArray(this.badges)) this.badges.push(badge);
       scheduleCheck(this);
-      return r;
-    };
-    const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function () {
-      const r = onConfigure?.apply(this, arguments);
+    });
+    chainCallback(nodeType.prototype, "onConfigure", function () {
       scheduleCheck(this); // widget values of a loaded workflow
-      return r;
-    };
-    const onRemoved = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
+    });
+    chainCallback(nodeType.prototype, "onRemoved", function () {
       clearTimeout(this.__fiaCheckTimer);
-      return onRemoved?.apply(this, arguments);
-    };
+    });
   },
 });

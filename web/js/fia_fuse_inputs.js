@@ -4,6 +4,7 @@
 // A loaded workflow keeps the inputs it was saved with: nothing changes while the graph
 // is being configured (app.configuringGraph), only on the user's own connection changes.
 import { app } from "../../../scripts/app.js";
+import { chainCallback, fitNode } from "./common/fia_widgets.js";
 
 const NODE = "FIAFuseMasks";
 const TYPE = "FIA_MASK";
@@ -41,11 +42,7 @@ export function normaliseMaskInputs(node) {
     if (input) input.tooltip = "Another concept mask (a new input appears when this one is connected).";
     changed = true;
   }
-  if (changed) {
-    const [w, h] = node.computeSize();
-    node.setSize([Math.max(node.size[0], w), Math.max(node.size[1], h)]);
-    node.setDirtyCanvas?.(true, true);
-  }
+  if (changed) fitNode(node);
   return changed;
 }
 
@@ -53,10 +50,8 @@ app.registerExtension({
   name: "FIA.FuseMasks.DynamicInputs",
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE) return;
-    const onConnectionsChange = nodeType.prototype.onConnectionsChange;
-    nodeType.prototype.onConnectionsChange = function (type, slot, connected, link, input) {
-      const r = onConnectionsChange?.apply(this, arguments);
-      if (type !== INPUT || app.configuringGraph || !MASK_NAME.test(input?.name ?? "")) return r;
+    chainCallback(nodeType.prototype, "onConnectionsChange", function (type, slot, connected, link, input) {
+      if (type !== INPUT || app.configuringGraph || !MASK_NAME.test(input?.name ?? "")) return;
       // Deferred until the current pointer/link operation is over: moving a link from
       // one mask input to another first disconnects it, and must not remove its target.
       if (!this.__fiaNormalisePending) {
@@ -66,7 +61,6 @@ app.registerExtension({
           if (this.graph) normaliseMaskInputs(this);
         });
       }
-      return r;
-    };
+    });
   },
 });

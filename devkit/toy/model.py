@@ -19,8 +19,12 @@
 Checkpoints are ordinary all-in-one SD1 safetensors files (``model.diffusion_model.``,
 ``cond_stage_model.``, ``first_stage_model.``). ComfyUI's model detection accepts SD15
 only with 320 channels; :func:`register_for_detection` puts ToySD15 at the front of
-``comfy.supported_models.models`` (in a server, the demo does it from a throw-away
-custom-node package), after which CheckpointLoaderSimple loads the toy checkpoint.
+``comfy.supported_models.models`` (in a server, ``devkit/server_plugin`` does it), after
+which CheckpointLoaderSimple loads the toy checkpoint. ToySD15 and ToyClipModel come from
+the factories of :mod:`devkit.zoo`, like the tiny test models.
+
+The trained weights stay with the benchmark that produced them (``benchmarks/toy/weights``;
+``python -m benchmarks.toy.train`` and ``python -m devkit.toy.classifier`` rewrite them).
 """
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ import types
 from pathlib import Path
 from typing import Sequence
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from .. import zoo
+from ..comfyui import REPO_ROOT
+
+WEIGHTS_DIR = REPO_ROOT / "benchmarks" / "toy" / "weights"
 CHECKPOINT = WEIGHTS_DIR / "fia_toy_sd15.safetensors"
 CLASSIFIER = WEIGHTS_DIR / "fia_toy_classifier.safetensors"
 CHECKPOINT_NAME = CHECKPOINT.name  # its name in ComfyUI's checkpoints folder
@@ -51,49 +58,26 @@ LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 VAE_GAIN = 0.25  # decoder input = pixels * VAE_GAIN: keeps TAESD's tanh clamp linear
 SPATIAL = 8  # VAE down/upscale factor (SD1)
 
-_CLASSES: types.SimpleNamespace | None = None
-
 
 def toy_classes() -> types.SimpleNamespace:
-    """ToySD15 (model config) and ToyClipModel (text encoder); ComfyUI must be imported."""
-    global _CLASSES
-    if _CLASSES is not None:
-        return _CLASSES
-    import comfy.model_base as model_base
+    """ToySD15 (model config, v-prediction: like SD 2.x 768-v; saved files carry "v_pred"
+    too) and ToyClipModel (text encoder); ComfyUI must be importable."""
     import comfy.sd1_clip as sd1_clip
     import comfy.supported_models as sm
-    from comfy.supported_models_base import ClipTarget
 
-    class ToyClipModel(sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-            model_options = {**model_options, "clip_l_model_config": dict(CLIP_L_CONFIG)}
-            super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
-
-    class ToySD15(sm.SD15):
-        """SD1.5 family config that matches only the toy UNet."""
-
-        unet_config = {k: UNET_CONFIG[k] for k in (
-            "context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels",
-            "use_temporal_attention", "channel_mult", "transformer_depth", "transformer_depth_middle")}
-        unet_extra_config = dict(UNET_EXTRA)
-
-        def clip_target(self, state_dict={}):
-            return ClipTarget(sd1_clip.SD1Tokenizer, ToyClipModel)
-
-        def model_type(self, state_dict, prefix=""):
-            return model_base.ModelType.V_PREDICTION  # like SD 2.x 768-v; saved files carry "v_pred" too
-
-    _CLASSES = types.SimpleNamespace(ToySD15=ToySD15, ToyClipModel=ToyClipModel)
-    return _CLASSES
+    clip = zoo.clip_model_class("ToyClipModel", CLIP_L_CONFIG)
+    config = zoo.model_config_class(
+        "ToySD15", sm.SD15, UNET_CONFIG,
+        ("context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels",
+         "use_temporal_attention", "channel_mult", "transformer_depth", "transformer_depth_middle"),
+        UNET_EXTRA, clip, sd1_clip.SD1Tokenizer, model_type="V_PREDICTION")
+    return types.SimpleNamespace(ToySD15=config, ToyClipModel=clip)
 
 
 def register_for_detection() -> None:
     """Put ToySD15 at the front of ComfyUI's model list (idempotent). Real SD models
     never match its config."""
-    import comfy.supported_models as sm
-    cls = toy_classes().ToySD15
-    if cls not in sm.models:
-        sm.models.insert(0, cls)
+    zoo.register_for_detection(toy_classes().ToySD15)
 
 
 def build_model(dtype=None):
@@ -113,12 +97,10 @@ def build_model(dtype=None):
 def build_clip(dtype=None):
     """A fresh comfy.sd.CLIP (real SD1 tokenizer, toy encoder); weights uninitialised."""
     import torch
-    import comfy.sd
     import comfy.sd1_clip
-    from comfy.supported_models_base import ClipTarget
 
-    return comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, toy_classes().ToyClipModel),
-                         parameters=4_000_000, model_options={"dtype": dtype or torch.float32})
+    return zoo.make_clip(toy_classes().ToyClipModel, comfy.sd1_clip.SD1Tokenizer, seed=None,
+                         dtype=dtype or torch.float32)
 
 
 def vae_state_dict():
@@ -224,7 +206,7 @@ def load_checkpoint(path=CHECKPOINT):
     import comfy.sd
     register_for_detection()
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no toy checkpoint at {path}; train it: python benchmarks/toy/train.py")
+        raise FileNotFoundError(f"no toy checkpoint at {path}; train it: python -m benchmarks.toy.train")
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     return model, clip, vae
 

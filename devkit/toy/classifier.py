@@ -1,6 +1,6 @@
 """The judge of the toy benchmark: which concept (shape) a 16 x 16 image shows.
 
-    python benchmarks/toy/classifier.py            # train (seeded, ~1-2 min) and report accuracy
+    python -m devkit.toy.classifier            # train (seeded, ~1-2 min) and report accuracy
 
 A small CNN on decoded pixels ([B, 3, 16, 16] in [-1, 1]): from a KSampler latent
 through ``model.latent_to_pixels`` (exactly what the hand-set VAE decodes, one value per
@@ -21,18 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    _HERE = Path(__file__).resolve()
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE.parent]
-    sys.path.insert(0, str(_HERE.parents[1]))
-
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from toy import data as D
-from toy import model as M
+from . import data as D
+from . import model as M
 
 
 class ToyClassifier(nn.Module):
@@ -116,7 +111,7 @@ def save(net: ToyClassifier, path: Path = M.CLASSIFIER, metadata: dict | None = 
 def load(path: Path = M.CLASSIFIER) -> ToyClassifier:
     from safetensors.torch import load_file
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no toy classifier at {path}; train it: python benchmarks/toy/classifier.py")
+        raise FileNotFoundError(f"no toy classifier at {path}; train it: python -m devkit.toy.classifier")
     net = ToyClassifier()
     net.load_state_dict(load_file(str(path)))
     net.eval()
