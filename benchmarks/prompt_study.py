@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """How many prompt pairs does a concept mask need? (issue 10, item 3)
 
-    $PY benchmarks/prompt_study.py            # the study, ~15 min on 2 shared CPU cores
-    $PY benchmarks/prompt_study.py --smoke --out /tmp/fia   # seconds: tiny model, 2 counts, 1 seed
+    $PY -m benchmarks.prompt_study            # the study, ~15 min on 2 shared CPU cores
+    $PY -m benchmarks.prompt_study --smoke --out /tmp/fia   # seconds: tiny model, 2 counts, 1 seed
+
+(run from the repository root; $PY is the test environment's python, tests/setup_env.sh)
 
 For num_prompts in (2, 4, 8, 12, 16, 24, full) and three seeds, every concept's mask
 (paper settings: fast saliency, r1 0.05, r2 0.01; 50-step schedule, 10 saliency steps,
@@ -13,7 +15,7 @@ the JSON). Seed s gives the starting noise (every prompt of the concept starts f
 noise of seed s) and the subset (build_prompt_pairs(..., num_prompts, seed=s)).
 
 Two models, both built through ComfyUI's classes:
-- toy: the trained toy model of benchmarks/toy (shipped weights), 128 x 128 (its native
+- toy: the trained toy model of devkit/toy (weights shipped in benchmarks/toy/weights), 128 x 128 (its native
   size, latent 16 x 16), concepts cross, triangle, heart;
 - sd15: a random-weight UNet of SD1.5's layout (bench_fia.sd15_unet_config) at
   model_channels 64 / context 64 (34 M parameters, 16 FFN2 layers) at 64 x 64 (latent
@@ -42,16 +44,14 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # comfy_harness
-sys.path.insert(0, str(REPO))  # benchmarks.*
-sys.path.insert(0, str(REPO / "benchmarks"))  # toy
+from devkit import comfyui, zoo
+from devkit.comfyui import REPO_ROOT as REPO
 
 log = logging.getLogger("fia.prompt_study")
 
@@ -90,7 +90,7 @@ SMOKE = dict(counts=(2, None), seeds=(0,), steps=4, saliency_steps=2, models=("t
              fidelity_rows_variant=True, smoke=True)
 
 MODEL_SPECS = {
-    "toy": ModelSpec("toy", "toy model of benchmarks/toy (trained, shipped weights; 1.7 M UNet params, "
+    "toy": ModelSpec("toy", "toy model of devkit/toy (trained, weights shipped in benchmarks/toy/weights; 1.7 M UNet params, "
                             "7 FFN2 layers of 64 x 256), 128 x 128 px (latent 16 x 16), v-prediction",
                      128, ("cross", "triangle", "heart")),
     "sd15": ModelSpec("sd15", "random-weight UNet of SD1.5's layout (bench_fia.sd15_unet_config(64, 64): "
@@ -104,14 +104,21 @@ MODEL_SPECS = {
 
 # --------------------------------------------------------------------------- the pack
 def pack_api(pack):
-    """The interfaces the study uses (brief: build_prompt_pairs, select_concept_mask,
-    concept_saliency -> SaliencyRun, SaliencySettings) bound to the loaded pack.
+    """The interfaces the study uses, bound to the loaded pack: fia_core.build_prompt_pairs
+    (None = the reference's full set, fewer = a seeded subset) and select_concept_mask,
+    nodes.saliency.concept_saliency -> SaliencyRun, nodes.saliency_settings.SaliencySettings."""
+    import importlib
 
-    INTERIM: served by benchmarks/_study_interim.py until wave2-core / wave2-runner land.
-    """
-    from benchmarks import _study_interim
-
-    return _study_interim.api(pack)
+    name = pack.__name__
+    core = importlib.import_module(f"{name}.fia_core")
+    saliency = importlib.import_module(f"{name}.nodes.saliency")
+    settings = importlib.import_module(f"{name}.nodes.saliency_settings")
+    adapter = importlib.import_module(f"{name}.nodes.comfy_adapter")
+    return SimpleNamespace(build_prompt_pairs=core.build_prompt_pairs, select_concept_mask=core.select_concept_mask,
+                           concept_saliency=saliency.concept_saliency, SaliencySettings=settings.SaliencySettings,
+                           target_layers=adapter.target_layers,
+                           source="the pack's interfaces (fia_core.build_prompt_pairs, fia_core.select_concept_mask, "
+                                  "nodes.saliency.concept_saliency)")
 
 
 class Study:
@@ -120,17 +127,14 @@ class Study:
 
         self.cfg = cfg
         self.EvalCounter, self.Timer, self.sd15_unet_config = EvalCounter, Timer, sd15_unet_config
-        import comfy_harness as H
-
-        self.H = H
         self.tmp = tempfile.TemporaryDirectory(prefix="fia_prompt_study_")
-        self.ns = H.import_comfy(self.tmp.name)
+        self.ns = comfyui.import_comfy(self.tmp.name)
         import torch
 
         self.torch = torch
         torch.set_num_threads(1)  # this script's process only: see bench_fia.Bench
         self.ns.comfy.utils.PROGRESS_BAR_ENABLED = False
-        self.pack = H.load_pack()
+        self.pack = comfyui.load_pack()
         self.api = pack_api(self.pack)
         from benchmarks import reference_fia
 
@@ -138,11 +142,11 @@ class Study:
 
     # models
     def build(self, name: str):
-        H, torch = self.H, self.torch
+        torch = self.torch
         if name == "tiny":
-            return H.tiny_sd15_model(seed=0), H.tiny_clip(seed=1)
+            return zoo.tiny_sd15_model(seed=0), zoo.tiny_clip(seed=1)
         if name == "toy":
-            from toy import model as M
+            from devkit.toy import model as M
 
             model, clip, _vae = M.load_checkpoint()
             return model, clip
@@ -153,10 +157,10 @@ class Study:
         config = sm.SD15(dict(self.sd15_unet_config(64, 64)))
         config.set_inference_dtype(torch.float32, None)
         model = config.get_model({})
-        H.fill_weights_(model.diffusion_model, 0)
+        zoo.fill_weights_(model.diffusion_model, 0)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                    offload_device=mm.unet_offload_device())
-        return patcher, H.tiny_clip(seed=1)
+        return patcher, zoo.tiny_clip(seed=1)
 
     def settings(self, spec: ModelSpec, seed: int):
         c = self.cfg
@@ -186,7 +190,7 @@ class Study:
             log.info("  reference mask from the cache %s (measured %s)", path, hit["cost"]["measured_at"])
             return hit["layers"], {**hit["cost"], "from_cache": True}
         with self.EvalCounter(model) as count, self.Timer("cpu") as timer:
-            columns = self.ref.reference_saliency(model, clip, pairs, settings, modules, self.H.encode,
+            columns = self.ref.reference_saliency(model, clip, pairs, settings, modules, zoo.encode,
                                                   self.ref.comfy_sample_one(settings), rows=rows)
         w_abs = {k: m.weight.detach().float().abs().cpu() for k, m in modules.items()}
         layers = self.ref.straightforward_masks(w_abs, columns, R1, R2)
@@ -531,10 +535,8 @@ def main(argv=None) -> dict:
     cfg.fidelity = not args.no_fidelity
     cfg.reference_only = args.reference_only
     if args.reference_cache != "none" and not cfg.smoke:
-        import comfy_harness as H
-
         cfg.reference_cache = Path(args.reference_cache) if args.reference_cache else \
-            H.cache_dir() / "prompt_study_reference"
+            comfyui.cache_dir() / "prompt_study_reference"
     cfg.fidelity_rows_variant = cfg.fidelity_rows_variant or args.cfg_rows_variant
     t0 = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]

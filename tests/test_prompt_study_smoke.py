@@ -1,4 +1,4 @@
-"""benchmarks/prompt_study.py runs: its --smoke mode (tiny harness model, counts 2 and the
+"""benchmarks/prompt_study.py runs: ``python -m benchmarks.prompt_study --smoke`` (tiny harness model, counts 2 and the
 full set, one seed, the reference procedure once) through its command line in a
 subprocess, checking the report's structure and the invariants that do not depend on
 timing or on the random weights."""
@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_prompt_study_smoke_mode(comfy, tmp_path):
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prompt_study.py"), "--smoke", "--out",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.prompt_study", "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "prompt_study.json").read_text())
     assert {"interface", "settings", "models", "recommendation", "environment", "total_s"} <= set(res)
