@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.reference_fia import (
+from devkit.dense_reference import (
     straightforward_fast_mode,
     straightforward_kth_largest,
     straightforward_select,
