@@ -250,7 +250,7 @@ class Bench:
         self.sampling = pack.nodes.saliency_sampling
         self.adapter = pack.nodes.comfy_adapter
         self.core = pack.fia_core
-        self.rank_one = pack.fia_core.rank_one
+        self.column_order = pack.fia_core.column_order
         self.neurons = pack.fia_core.neurons
         self.node_classes = pack.NODE_CLASS_MAPPINGS
         from benchmarks import reference_fia
@@ -260,7 +260,7 @@ class Bench:
 
     # models
     def build_model(self):
-        H, torch = self.H, self.torch
+        H = self.H
         if self.cfg["unet"] is None:
             return H.tiny_sd15_model(seed=0), H.tiny_clip(seed=1)
         if self.config_name == "full":
@@ -406,7 +406,7 @@ class Bench:
                    "unet_calls": median(r["calls"]), "unet_rows": median(r["rows"]),
                    "peak_bytes": summary(r["peak_bytes"])}
                for p, r in rows.items()}
-        pack, ref, bare = out["pack"], out["reference"], out["bare"]
+        pack, ref = out["pack"], out["reference"]
         out["ratios"] = {
             "unet_rows_pack_over_reference": pack["unet_rows"] / ref["unet_rows"],
             "unet_calls_pack_over_reference": pack["unet_calls"] / ref["unet_calls"],
@@ -458,10 +458,10 @@ class Bench:
         return out
 
     def mask_section(self):
-        torch, rank_one = self.torch, self.rank_one
+        torch = self.torch
         shapes, weights = self.synthetic_layers()
         n_conn = sum(a * b for a, b in shapes.values())
-        shared = rank_one.SharedAbsWeights(weights)
+        shared = self.column_order.SharedAbsWeights(weights)
         cols0 = self.synthetic_columns(shapes, 0)
         out = {"layers": len(shapes), "connections": n_conn, "steps": 10, "r1": R1, "r2": R2,
                "torch_threads": torch.get_num_threads()}

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .column_order import ColumnOrder, SharedAbsWeights, column_order_of  # noqa: F401 (re-exported for callers)
+from .column_order import ColumnOrder
 from .counting import top_fraction_count
 
 _F32_INF_BITS = 0x7F800000

@@ -111,7 +111,7 @@ class FastSaliency:
     """One concept's fast-mode saliency: S_t = |W| * columns[key][t][None, :].
 
     ``columns[key]`` is [T, C_in] float32; ``weight_abs`` maps every layer key to |W| and is
-    not owned (it is the model's, shared by all concepts: a rank_one.SharedAbsWeights keeps
+    not owned (it is the model's, shared by all concepts: a column_order.SharedAbsWeights keeps
     the per-model column order with it).
     """
 

@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..fia_core import TargetLayer, architecture_signature, describe_architecture, weights_fingerprint
-from ..fia_core.rank_one import SharedAbsWeights
+from ..fia_core.column_order import SharedAbsWeights
 
 ATTACHMENT_KEY = "fia_model_state"
 #: values sampled per tensor for content fingerprints of large tensors (the unpatched

@@ -66,6 +66,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     fused, masks, layers = ns["fused"], ns["masks"], ns["layers"]
     assert isinstance(fused, F.FusedMask) and fused.concepts == ("golf ball", "parachute")
     assert [len(F.build_prompt_pairs(c, "objects")) for c in fused.concepts] == [30, 30]
+    assert {l.module for l in layers} == {b.ff.net[2] for b in unet.blocks}
     for mask, (concept, cols) in zip(masks, CONCEPT_COLUMNS.items()):
         assert mask.concepts == (concept,) and mask.params["r2"] == 0.01
         for key, layer in mask.layers.items():

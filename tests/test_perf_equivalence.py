@@ -25,7 +25,8 @@ from devkit.dense_reference import (
 from fia_core import FastSaliency, StepSaliency, select_concept_mask
 from fia_core.counting import kth_largest, top_fraction_count, top_k_flat, top_k_rows
 from fia_core.neurons import fast_layer_indices, select_from_sensitivity
-from fia_core.rank_one import ColumnOrder, SharedAbsWeights, select_rank_one
+from fia_core.column_order import ColumnOrder, SharedAbsWeights
+from fia_core.rank_one import select_rank_one
 from fia_core.sensitivity import SensitivityIntegrator
 
 

@@ -162,7 +162,6 @@ def lowvram_effective_weights(model, inputs: dict[str, torch.Tensor]) -> dict[st
     """The FFN2 weights a forward computes with under ComfyUI's lowvram path (every
     module offloaded: patches run on the fly), dequantized to float32."""
     import comfy.model_management as mm
-    import comfy.ops
 
     mm.unload_all_models()
     cpu = torch.device("cpu")
